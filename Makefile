@@ -1,0 +1,27 @@
+# `make demo` and `make test` create .venv, install exactly what is needed, and run.
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU build by default (a local wheel on our machines); override for CUDA, e.g.
+#   make TORCH_SPEC="torch==2.11.0" test
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mmpretrain train --config experiments/demo_digits.yaml $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,258 @@
+"""The typed configuration of an mmpretrain run: nested dataclasses, one docstring per field.
+
+Every field has a default, so `ExperimentConfig()` is a complete (demo) configuration. YAML files
+under `configs/` and dotted command-line overrides only change fields named here; `load.py`
+rejects any key that is not a field below and any value of the wrong type.
+A field's documentation is the string literal directly under it (read by `field_docs`).
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Literal
+
+
+@dataclass
+class DataConfig:
+    """Where image–text pairs come from and how they become batches."""
+
+    source: Literal["demo", "shards", "synthetic"] = "demo"
+    """`demo`: bundled handwritten digits (written to shards once); `shards`: `train_shards`;
+    `synthetic`: random tensors generated per step (tests, benchmarks)."""
+    train_shards: str = ""
+    """Training shards, a brace pattern such as `data/train-{000000..000099}.tar`."""
+    val_shards: str = ""
+    """Held-out shards for evaluation (same format); empty means no held-out set."""
+    cache_dir: str = ""
+    """Where the demo dataset's shards are written (default: ~/.cache/mmpretrain)."""
+    batch_size: int = 64
+    """Micro-batch size per rank (samples per forward pass)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0: load in the training process)."""
+    shuffle_buffer: int = 512
+    """Samples held in each worker's shuffle buffer."""
+    tokenizer: str = ""
+    """Directory or `tokenizer.json` of a fast Hugging Face tokenizer. Empty: fit a BPE tokenizer
+    of `model.text.vocab_size` tokens on the training captions and save it in the run directory."""
+    crop_scale_min: float = 0.8
+    """Lower bound of the area fraction kept by RandomResizedCrop in the train transform."""
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    """Per-channel mean used to normalize images (applied on the training device)."""
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    """Per-channel standard deviation used to normalize images."""
+
+
+@dataclass
+class VisionConfig:
+    """The ViT image tower."""
+
+    image_size: int = 32
+    """Input resolution (square), in pixels."""
+    patch_size: int = 4
+    """Side of a square patch, in pixels; image_size must be a multiple of it."""
+    width: int = 128
+    """Transformer width (embedding dimension)."""
+    layers: int = 4
+    """Number of Transformer blocks."""
+    heads: int = 4
+    """Attention heads per block; width must be a multiple of it."""
+    mlp_ratio: float = 4.0
+    """MLP hidden size as a multiple of width."""
+    pool: Literal["cls", "mean"] = "cls"
+    """Pooling of the token outputs: the class token, or the mean of patch tokens."""
+
+
+@dataclass
+class TextConfig:
+    """The causal text Transformer."""
+
+    vocab_size: int = 1024
+    """Size of the token embedding table; also the size of a BPE tokenizer fitted for the run."""
+    context_length: int = 32
+    """Tokens per caption after padding/truncation, start and end tokens included."""
+    width: int = 128
+    """Transformer width (embedding dimension)."""
+    layers: int = 4
+    """Number of Transformer blocks."""
+    heads: int = 4
+    """Attention heads per block; width must be a multiple of it."""
+    mlp_ratio: float = 4.0
+    """MLP hidden size as a multiple of width."""
+
+
+@dataclass
+class ModelConfig:
+    """The two-tower model. `size` fills every field below that the config does not set."""
+
+    size: str = "tiny"
+    """Named size from the registry (`tiny`, `vit_b32`, `vit_b16`, `vit_l14`, `vit_h14`), or
+    empty to take every field from the config alone."""
+    embed_dim: int = 128
+    """Dimension of the shared image–text embedding space."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """Image tower."""
+    text: TextConfig = field(default_factory=TextConfig)
+    """Text tower."""
+    init_logit_scale: float = 2.6592600369262695
+    """Initial log of the logit scale (CLIP: log(1/0.07); SigLIP: log(10))."""
+    init_logit_bias: float = -10.0
+    """Initial logit bias, used only by the SigLIP loss."""
+    max_logit_scale: float = 100.0
+    """The logit scale is clamped to at most this value."""
+    attention: Literal["auto", "reference", "sdpa"] = "auto"
+    """Attention implementation: `auto` picks by device and dtype; the others force one."""
+    activation_checkpointing: bool = False
+    """Recompute each Transformer block in the backward pass to save activation memory."""
+
+
+@dataclass
+class LossConfig:
+    """The training objective."""
+
+    kind: Literal["clip", "siglip"] = "clip"
+    """`clip`: symmetric InfoNCE over the global batch; `siglip`: pairwise sigmoid loss."""
+    gather_with_grad: bool = True
+    """Let gradients flow through the cross-rank feature gather (exact gradients)."""
+    local_loss: bool = False
+    """Each rank computes only its own rows of the global logit matrix (less memory)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    steps: int = 300
+    """Optimizer steps to train for."""
+    stop_after: int = 0
+    """Stop (with a checkpoint) once this step is reached, leaving the schedule as if training
+    ran to `steps`; a later job resumes and continues. 0: run to `steps`."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay for matrices; norms, biases, embeddings of size 1 and the logit
+    scale/bias never decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    warmup_steps: int = 30
+    """Linear warm-up steps from 0 to `lr`."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Shape of the learning rate after warm-up."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the cosine schedule as a fraction of `lr`."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+
+
+@dataclass
+class EngineConfig:
+    """How DeepSpeed runs the model: device, precision, ZeRO, accumulation."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto`: CUDA when available, else CPU."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """`auto`: bf16 on CUDA, fp32 on CPU."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage, 0 to 3."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    offload_optimizer: bool = False
+    """Keep optimizer state in CPU memory (ZeRO stage 1 or higher)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend: `auto` is nccl on CUDA and gloo on CPU."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    every: int = 100
+    """Save a checkpoint every this many steps (0: only at the end)."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints (0: keep all)."""
+    resume: str = "auto"
+    """`auto`: newest complete checkpoint of the run directory if any; `none`: start fresh;
+    otherwise a checkpoint directory to resume from."""
+    save_final: bool = True
+    """Save a checkpoint when training ends."""
+
+
+@dataclass
+class LoggingConfig:
+    """Console, metrics.jsonl and wandb."""
+
+    log_every: int = 10
+    """Log metrics every this many steps."""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """wandb mode; `offline` writes locally and needs no network or API key."""
+    wandb_project: str = "mmpretrain"
+    """wandb project name."""
+    progress: bool = True
+    """Show a progress bar when standard error is a terminal."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during and after training."""
+
+    zeroshot: Literal["auto", "digits", "none"] = "auto"
+    """Zero-shot classification set: `digits` (the demo's held-out digits), `none`, or `auto`
+    (digits when data.source is demo, else none)."""
+    every: int = 0
+    """Evaluate every this many steps (0: only at the end)."""
+    at_end: bool = True
+    """Evaluate when training ends."""
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole run."""
+
+    name: str = "demo"
+    """Run name; the run directory is `output_dir/name`."""
+    output_dir: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = 0
+    """Seed of model initialization, data order and augmentation."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Input data."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Training objective."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Distributed engine."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Return {field name: docstring} for a config dataclass, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for prev, node in zip(body, body[1:]):
+        if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
+                and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def iter_fields(cls: type, prefix: str = ""):
+    """Yield (dotted key, field, owning dataclass) for every leaf field of a config dataclass."""
+    for f in fields(cls):
+        factory = f.default_factory  # type: ignore[misc]
+        if factory is not MISSING and is_dataclass(factory):
+            yield from iter_fields(factory, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, cls
