@@ -1,0 +1,131 @@
+"""Transformer building blocks shared by the image and text towers (single-device code)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmpretrain.kernels import attention_packed
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm that always normalizes in fp32 and casts the result back to the input dtype.
+
+    Chosen over plain `nn.LayerNorm` because DeepSpeed's bf16/fp16 modes cast the *weights* to
+    half precision too (unlike autocast, which keeps LayerNorm in fp32 on its own): computing
+    mean/variance of a width-1024 row in bf16 loses precision and hurts training stability
+    (open_clip's `LayerNormFp32` exists for the same reason). In fp32 runs it is plain LayerNorm.
+    The parameter names (`weight`, `bias`) are those of `nn.LayerNorm`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        out = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+        return out.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: Linear -> GELU -> Linear."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, D) -> (B, S, D)
+        return self.fc2(self.act(self.fc1(x)))  # (B, S, hidden) inside
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection, via `kernels.attention_packed`."""
+
+    def __init__(self, width: int, heads: int, *, causal: bool = False,
+                 attention_impl: str = "auto") -> None:
+        super().__init__()
+        if width % heads != 0:
+            raise ValueError(f"width ({width}) must be a multiple of heads ({heads})")
+        self.heads = heads
+        self.head_dim = width // heads
+        self.causal = causal
+        self.attention_impl = attention_impl
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, S, D); key_padding_mask: (B, S) bool, True = real token -> (B, S, D)."""
+        b, s, d = x.shape
+        qkv = self.qkv(x).view(b, s, 3, self.heads, self.head_dim)  # (B, S, 3, H, Dh)
+        out = attention_packed(qkv, causal=self.causal, key_padding_mask=key_padding_mask,
+                               impl=self.attention_impl)  # (B, S, H, Dh)
+        return self.proj(out.reshape(b, s, d))  # (B, S, D)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, *, causal: bool = False,
+                 attention_impl: str = "auto") -> None:
+        super().__init__()
+        self.ln1 = LayerNorm(width)
+        self.attn = SelfAttention(width, heads, causal=causal, attention_impl=attention_impl)
+        self.ln2 = LayerNorm(width)
+        self.mlp = MLP(width, int(width * mlp_ratio))
+
+    def forward(self, x: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, S, D) -> (B, S, D)."""
+        x = x + self.attn(self.ln1(x), key_padding_mask)  # (B, S, D)
+        return x + self.mlp(self.ln2(x))  # (B, S, D)
+
+
+class Transformer(nn.Module):
+    """A stack of pre-norm `Block`s, optionally recomputed in backward (activation checkpointing).
+
+    Checkpointing applies only in training mode with gradients enabled, one block at a time,
+    with the non-reentrant implementation (works with DeepSpeed ZeRO-3 and keyword arguments).
+    """
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, *,
+                 causal: bool = False, attention_impl: str = "auto",
+                 activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.activation_checkpointing = activation_checkpointing
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio, causal=causal, attention_impl=attention_impl)
+            for _ in range(layers))
+
+    def forward(self, x: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, S, D); key_padding_mask: (B, S) bool or None -> (B, S, D)."""
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if recompute:
+                x = checkpoint(block, x, key_padding_mask, use_reentrant=False)  # (B, S, D)
+            else:
+                x = block(x, key_padding_mask)  # (B, S, D)
+        return x
+
+    def init_weights(self) -> None:
+        """OpenCLIP initialization: normal weights scaled by width**-0.5 and (2*layers)**-0.5.
+
+        QKV: std width**-0.5; attention out-proj and MLP fc2: width**-0.5 * (2*layers)**-0.5;
+        MLP fc1: (2*width)**-0.5. Attention biases are zero (as in `nn.MultiheadAttention`);
+        MLP biases keep PyTorch's default `nn.Linear` initialization, as in OpenCLIP.
+        """
+        attn_std = self.width ** -0.5
+        proj_std = attn_std * (2 * self.layers) ** -0.5
+        fc_std = (2 * self.width) ** -0.5
+        for block in self.blocks:
+            assert isinstance(block, Block)
+            nn.init.normal_(block.attn.qkv.weight, std=attn_std)
+            nn.init.zeros_(block.attn.qkv.bias)
+            nn.init.normal_(block.attn.proj.weight, std=proj_std)
+            nn.init.zeros_(block.attn.proj.bias)
+            nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
+            nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
