@@ -1,0 +1,286 @@
+"""The Trainer: builds tokenizer, model, DeepSpeed engine, data stream and checkpoints from one
+config, then runs a short training loop (`train`) around `train_step`."""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mmpretrain.checkpoint.manager import CheckpointManager
+from mmpretrain.config.load import config_hash, to_dict, to_yaml
+from mmpretrain.config.schema import ExperimentConfig
+from mmpretrain.engine.dist import init_distributed
+from mmpretrain.engine.ds_config import build_ds_config, resolve_precision
+from mmpretrain.engine.optim import build_optimizer, build_scheduler
+from mmpretrain.logging.metrics import JsonlWriter, StepMeter, format_metrics, peak_memory_gb
+from mmpretrain.model.task import ContrastiveTask, FeatureCache
+
+log = logging.getLogger("mmpretrain.trainer")
+
+
+def setup_logging(rank: int) -> None:
+    """Console logging: INFO on rank 0, warnings only on other ranks."""
+    root = logging.getLogger("mmpretrain")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(f"[%(asctime)s r{rank}] %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.propagate = False
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+class Trainer:
+    """Trains one run described by an `ExperimentConfig` on every rank of the job."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.denv, self.device = init_distributed(cfg.engine.device, cfg.engine.backend)
+        self.rank, self.world = self.denv.rank, self.denv.world_size
+        setup_logging(self.rank)
+        self.run_dir = Path(cfg.output_dir) / cfg.name
+        self.precision = resolve_precision(cfg.engine.precision, self.device)
+        self.step = 0
+        self.samples_seen = 0
+        self._stop_signal: int | None = None
+        self._grad_norm: float | None = None
+        self._prepare_run_dir()
+        self._build()
+
+    # ---- construction --------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _build(self) -> None:
+        import deepspeed
+
+        from mmpretrain import kernels
+        from mmpretrain.data import build_train_stream, prepare_tokenizer
+        from mmpretrain.losses import build_loss
+        from mmpretrain.model import build_model, count_parameters
+
+        cfg = self.cfg
+        kernels.set_default_impl(cfg.model.attention)
+        self.tokenizer = self._prepare_tokenizer(prepare_tokenizer)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model, cfg.loss.kind)
+        log.info("model %s: %.2fM parameters, precision %s, ZeRO stage %d", cfg.model.size or
+                 "custom", count_parameters(model) / 1e6, self.precision, cfg.engine.zero_stage)
+        self.task = ContrastiveTask(model, build_loss(cfg.loss), cfg.data.mean, cfg.data.std)
+        optimizer = build_optimizer(self.task, cfg.optim, self.device)
+        scheduler = build_scheduler(optimizer, cfg.optim)
+        ds_cfg = build_ds_config(cfg, self.world, self.precision, self.device)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.task, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+        self.stream = build_train_stream(cfg, self.tokenizer, self.rank, self.world)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
+                                      self.rank, self.world)
+        self.jsonl = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
+        self.global_batch = cfg.data.batch_size * cfg.engine.grad_accum * self.world
+
+    def _prepare_tokenizer(self, prepare: Any) -> Any:
+        """Rank 0 fits or loads the tokenizer first; the others then load what it saved."""
+        tok = prepare(self.cfg, self.run_dir) if self.rank == 0 else None
+        self._barrier()
+        if self.rank != 0:
+            tok = prepare(self.cfg, self.run_dir)
+        vocab = self.cfg.model.text.vocab_size
+        if tok is not None and tok.vocab_size > vocab:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but "
+                             f"model.text.vocab_size is {vocab}; raise model.text.vocab_size")
+        return tok
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def resume(self) -> bool:
+        """Load the checkpoint `checkpoint.resume` names (if any); True when one was loaded."""
+        path = self.ckpt.resolve(self.cfg.checkpoint.resume)
+        if path is None:
+            return False
+        client, meta = self.ckpt.load(self.engine, path)
+        self.step, self.samples_seen = client["step"], client["samples_seen"]
+        self.stream.load_state_dict(client["data"])
+        if meta.get("config_hash") != config_hash(self.cfg):
+            log.warning("resuming %s saved with a different config (hash %s, now %s)",
+                        path, meta.get("config_hash"), config_hash(self.cfg))
+        self.jsonl.truncate_after(self.step)
+        log.info("resumed from %s at step %d (%d samples seen)", path, self.step,
+                 self.samples_seen)
+        return True
+
+    def save(self) -> Path:
+        """Checkpoint the engine, the data stream position and the counters."""
+        client = {"step": self.step, "samples_seen": self.samples_seen,
+                  "data": self.stream.state_dict(), "config_hash": config_hash(self.cfg)}
+        meta = {"config_hash": config_hash(self.cfg), "samples_seen": self.samples_seen,
+                "zero_stage": self.cfg.engine.zero_stage, "precision": self.precision}
+        return self.ckpt.save(self.engine, self.step, client, meta)
+
+    # ---- the step ------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        nb = self.device.type == "cuda"
+        return (batch["image"].to(self.device, non_blocking=nb),
+                batch["tokens"].to(self.device, non_blocking=nb))
+
+    def train_step(self, micro_batches: list[dict], want_grad_norm: bool = False) -> torch.Tensor:
+        """One optimizer step over `grad_accum` micro-batches; returns the loss (on device).
+
+        With accumulation, features of all micro-batches are cached without grad, then each
+        micro-batch is recomputed with grad against the cached negatives, so the loss and its
+        gradient equal those of one big batch (the logit scale's gradient is taken once)."""
+        eng = self.engine
+        inputs = [self._to_device(b) for b in micro_batches]
+        cache = None
+        if len(inputs) > 1:
+            cache = FeatureCache()
+            with torch.no_grad():
+                for images, tokens in inputs:
+                    f = eng(images, tokens, features_only=True)
+                    cache.image.append(f["image_features"])
+                    cache.text.append(f["text_features"])
+        for j, (images, tokens) in enumerate(inputs):
+            out = eng(images, tokens, cache=cache, index=j)
+            # DeepSpeed divides by the accumulation steps by default; the cached-feature loss
+            # is already the loss of the whole accumulated batch.
+            eng.backward(out["loss"], scale_wrt_gas=cache is None)
+            if want_grad_norm and j == len(inputs) - 1:
+                self._grad_norm = self._unpartitioned_grad_norm()
+            eng.step()
+        return out["loss"].detach()
+
+    def _unpartitioned_grad_norm(self) -> float | None:
+        """Global grad norm read from p.grad where DeepSpeed does not report one (ZeRO-0 fp32:
+        gradients are full and already averaged across ranks after the last backward)."""
+        if self.cfg.engine.zero_stage != 0 or self.precision != "fp32":
+            return None
+        grads = [p.grad for p in self.task.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+
+    # ---- the loop ------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum: int, _frame: Any) -> None:
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def _stop_requested(self) -> bool:
+        """True on every rank when any rank received SIGTERM/SIGUSR1 (agreed collectively)."""
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(flag)
+        return flag.item() > 0
+
+    def _log(self, loss_sum: torch.Tensor, n: int, meter: StepMeter, wandb: Any) -> None:
+        loss = loss_sum / max(n, 1)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(loss)
+            loss /= self.world
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self._grad_norm if grad_norm is None else grad_norm
+        record = {"step": self.step, "total_steps": self.cfg.optim.steps,
+                  "loss": float(loss.item()), "lr": float(self.scheduler.get_last_lr()[0]),
+                  "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                  **meter.summary(), "peak_mem_gb": peak_memory_gb(self.device),
+                  "samples_seen": self.samples_seen}
+        if self.rank == 0:
+            record.pop("total_steps")
+            self.jsonl.write(record)
+            wandb.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+            log.info(format_metrics({"total_steps": self.cfg.optim.steps, **record}))
+        meter.reset()
+
+    def _make_wandb(self) -> Any:
+        from mmpretrain.logging.wandb_logger import WandbLogger
+
+        lc = self.cfg.logging
+        return WandbLogger(lc.wandb_mode, lc.wandb_project, self.cfg.name, self.run_dir,
+                           to_dict(self.cfg), enabled=self.rank == 0)
+
+    def _progress(self) -> Any:
+        if self.rank != 0 or not self.cfg.logging.progress or not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.optim.steps, initial=self.step, unit="step", leave=False)
+
+    def train(self) -> dict[str, Any]:
+        """Resume if asked, train to `optim.steps`, checkpoint, evaluate; returns a summary."""
+        cfg = self.cfg
+        self.resume()
+        self._install_signal_handlers()
+        wandb, bar, meter = self._make_wandb(), self._progress(), StepMeter()
+        loss_sum, n_loss, status = torch.zeros((), device=self.device), 0, "finished"
+        batches = iter(self.stream)
+        self.engine.train()
+        while self.step < cfg.optim.steps:
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(cfg.engine.grad_accum)]
+            data_time = time.perf_counter() - t0
+            log_now = (self.step + 1) % cfg.logging.log_every == 0 or self.step + 1 == cfg.optim.steps
+            loss_sum += self.train_step(micro, want_grad_norm=log_now)
+            n_loss += 1
+            self.step += 1
+            self.samples_seen += self.global_batch
+            meter.update(self.global_batch, data_time)
+            if bar is not None:
+                bar.update(1)
+            if log_now:
+                self._log(loss_sum, n_loss, meter, wandb)
+                loss_sum, n_loss = torch.zeros((), device=self.device), 0
+            if self._stop_requested():
+                log.warning("stop signal received: saving at step %d and exiting", self.step)
+                self.save()
+                status = "preempted"
+                break
+            if cfg.optim.stop_after and self.step >= cfg.optim.stop_after:
+                status = "stopped"
+                break
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                self.save()
+            if cfg.eval.every and self.step % cfg.eval.every == 0:
+                self._log_eval(self.evaluate(), wandb)
+        if bar is not None:
+            bar.close()
+        summary: dict[str, Any] = {"status": status, "step": self.step,
+                                   "run_dir": str(self.run_dir)}
+        if status != "preempted" and cfg.checkpoint.save_final and not self.ckpt.has_step(
+                self.step):
+            self.save()
+        if status == "finished":
+            if cfg.eval.at_end:
+                summary.update(self.evaluate())
+                self._log_eval(summary, wandb)
+        wandb.finish()
+        return summary
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def _log_eval(self, metrics: dict[str, Any], wandb: Any) -> None:
+        evals = {k: v for k, v in metrics.items() if k.startswith("zeroshot")}
+        if self.rank == 0 and evals:
+            self.jsonl.write({"step": self.step, **evals})
+            wandb.log(evals, step=self.step)
+            log.info("eval step %d: %s", self.step, format_metrics(evals))
+
+    def evaluate(self) -> dict[str, Any]:
+        """Zero-shot classification on the configured held-out set (every rank takes part)."""
+        from mmpretrain.eval.setup import run_zeroshot
+
+        self.engine.eval()
+        try:
+            return run_zeroshot(self.cfg, self.task, self.tokenizer, self.rank, self.world,
+                                self.device)
+        finally:
+            self.engine.train()

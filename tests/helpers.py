@@ -1,0 +1,55 @@
+"""Run `mmpretrain train` in subprocesses (plain or under torchrun) for end-to-end tests."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from mmpretrain.logging.metrics import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
+               "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS", "OMPI_COMM_WORLD_RANK")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without launcher variables, CPU threads pinned low."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               WANDB_SILENT="true", PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cmd(overrides: list[str], config: str = "experiments/tiny_synthetic.yaml",
+              nproc: int = 1) -> list[str]:
+    """The command line of a training run, under torchrun when `nproc` > 1."""
+    entry = ["-m", "mmpretrain.cli", "train", "--config", config, *overrides]
+    if nproc == 1:
+        return [sys.executable, *entry]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *entry]
+
+
+def run_train(overrides: list[str], config: str = "experiments/tiny_synthetic.yaml",
+              nproc: int = 1, timeout: float = 600, check: bool = True,
+              **env: str) -> subprocess.CompletedProcess:
+    """Run a training job to completion; on failure show its output."""
+    proc = subprocess.run(train_cmd(overrides, config, nproc), cwd=REPO, env=clean_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """{step: loss} from a run's metrics.jsonl."""
+    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
