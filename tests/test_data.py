@@ -21,6 +21,7 @@ from mmpretrain.data import (EvalStream, ShardWriter, SyntheticStream, Tokenizer
 from mmpretrain.data.decode import decode_rgb, eval_transform, train_transform
 from mmpretrain.data.pipeline import _TrainShardDataset, epoch_shards, resolve_shards
 from mmpretrain.data.shards import iter_shard_samples
+from mmpretrain.data.synthetic import EOT_ID, FIRST_REGULAR_ID, SOT_ID
 
 SHARD_SIZES = [7, 13, 9, 20, 11, 5, 16, 8]  # uneven on purpose (89 samples)
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -309,5 +310,10 @@ def test_synthetic_determinism_and_resume() -> None:
     tokens = a[0]["tokens"]
     for row in tokens:
         n = int((row != 0).sum())
-        assert row[0] == 1 and row[n - 1] == 2 and (row[n:] == 0).all() and (row[:n] != 0).all()
+        assert row[0] == SOT_ID and row[n - 1] == EOT_ID
+        assert (row[n:] == 0).all() and (row[:n] != 0).all()
+    # the caption's first two tokens name the latent class that the image pattern shows
+    labels = a[0]["labels"]
+    assert (tokens[:, 1] == FIRST_REGULAR_ID + 2 * labels).all()
+    assert (tokens[:, 2] == FIRST_REGULAR_ID + 2 * labels + 1).all()
     assert stream.state_dict()["batches"] == 5

@@ -2,7 +2,7 @@
 
 Batch `n` of rank `r` depends only on `(seed, r, n)`, so a resumed stream continues exactly, and
 the batches look like real ones: `image` uint8 (B, 3, S, S), `tokens` int64 (B, L) laid out like
-the tokenizer's rows (start token 1, ids, end token 2, then 0-padding; random length per
+the tokenizer's rows (start token 2, ids, end token 3, then 0-padding; random length per
 row), `keys`, and `labels` (the latent class that links an image to its caption).
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-PAD_ID, SOT_ID, EOT_ID = 0, 1, 2
-FIRST_REGULAR_ID = 4  # ids 0..3 are pad, sot, eot, unk, as in a tokenizer fitted by mmpretrain
+PAD_ID, SOT_ID, EOT_ID = 0, 2, 3
+FIRST_REGULAR_ID = 4  # ids 0..3 are pad, unk, sot, eot, as in a tokenizer fitted by mmpretrain
 
 
 NUM_CLASSES = 16  # latent classes shared by image and caption, so the pairs are learnable

@@ -23,7 +23,10 @@ from .shards import expand_pattern, iter_shard_samples, write_json_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
 SIDECAR_FILE = "mmpretrain_tokenizer.json"
-ROLES = ("pad", "sot", "eot", "unk")
+# Fitted tokenizers get ids in this order: pad 0, unk 1, sot 2, eot 3. The end-of-text id must not
+# be 2: transformers' CLIP text model treats eos_token_id == 2 as "legacy" and pools at the
+# largest token id instead of at the end-of-text token, which would break exported models.
+ROLES = ("pad", "unk", "sot", "eot")
 DEFAULT_SPECIALS = {"pad": "<pad>", "sot": "<start_of_text>", "eot": "<end_of_text>",
                     "unk": "<unk>"}
 # Names tried, in order, when a tokenizer.json comes without our sidecar file.
@@ -148,7 +151,7 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int,
                     out_dir: str | None = None) -> Tokenizer:
     """Fit a byte-level BPE of at most `vocab_size` tokens on `captions` (deterministic).
 
-    Special tokens get ids 0..3 (`<pad>`, `<start_of_text>`, `<end_of_text>`, `<unk>`). The
+    Special tokens get ids 0..3 (`<pad>`, `<unk>`, `<start_of_text>`, `<end_of_text>`). The
     result may be smaller than `vocab_size` when the captions have few distinct merges. Saved to
     `out_dir` when given.
     """
