@@ -69,26 +69,47 @@ class Trainer:
         from mmpretrain import kernels
         from mmpretrain.data import build_train_stream, prepare_tokenizer
         from mmpretrain.losses import build_loss
-        from mmpretrain.model import build_model, count_parameters
 
         cfg = self.cfg
         kernels.set_default_impl(cfg.model.attention)
         self.tokenizer = self._prepare_tokenizer(prepare_tokenizer)
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model, cfg.loss.kind)
-        log.info("model %s: %.2fM parameters, precision %s, ZeRO stage %d", cfg.model.size or
-                 "custom", count_parameters(model) / 1e6, self.precision, cfg.engine.zero_stage)
+        ds_cfg = build_ds_config(cfg, self.world, self.precision, self.device)
+        model = self._build_model(ds_cfg)
         self.task = ContrastiveTask(model, build_loss(cfg.loss), cfg.data.mean, cfg.data.std)
         optimizer = build_optimizer(self.task, cfg.optim, self.device)
-        scheduler = build_scheduler(optimizer, cfg.optim)
-        ds_cfg = build_ds_config(cfg, self.world, self.precision, self.device)
+        # A factory: DeepSpeed calls it with the optimizer it wraps (ZeRO-3 regroups params).
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.task, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+            model=self.task, optimizer=optimizer, config=ds_cfg,
+            lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim))
         self.stream = build_train_stream(cfg, self.tokenizer, self.rank, self.world)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
                                       self.rank, self.world)
         self.jsonl = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
         self.global_batch = cfg.data.batch_size * cfg.engine.grad_accum * self.world
+
+    def _build_model(self, ds_cfg: dict) -> torch.nn.Module:
+        """Build the model; under ZeRO-3 inside `zero.Init`, so no rank ever holds all weights
+        (each parameter is gathered alone for its initialization, then re-partitioned)."""
+        import deepspeed
+
+        from mmpretrain.model import build_model
+        from mmpretrain.model.layers import set_init_context
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        if cfg.engine.zero_stage == 3:
+            set_init_context(lambda p: deepspeed.zero.GatheredParameters([p], modifier_rank=0))
+            try:
+                with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+                    model = build_model(cfg.model, cfg.loss.kind)
+            finally:
+                set_init_context(None)
+        else:
+            model = build_model(cfg.model, cfg.loss.kind)
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        log.info("model %s: %.2fM parameters, precision %s, ZeRO stage %d", cfg.model.size or
+                 "custom", n_params / 1e6, self.precision, cfg.engine.zero_stage)
+        return model
 
     def _prepare_tokenizer(self, prepare: Any) -> Any:
         """Rank 0 fits or loads the tokenizer first; the others then load what it saved."""
@@ -151,9 +172,10 @@ class Trainer:
                     cache.text.append(f["text_features"])
         for j, (images, tokens) in enumerate(inputs):
             out = eng(images, tokens, cache=cache, index=j)
-            # DeepSpeed divides by the accumulation steps by default; the cached-feature loss
-            # is already the loss of the whole accumulated batch.
-            eng.backward(out["loss"], scale_wrt_gas=cache is None)
+            # DeepSpeed divides every micro-batch's gradient by the accumulation steps (also
+            # through output hooks, whatever scale_wrt_gas says). The cached-feature loss is
+            # already the loss of the whole accumulated batch, so undo that division.
+            eng.backward(out["loss"] * len(inputs) if cache is not None else out["loss"])
             if want_grad_norm and j == len(inputs) - 1:
                 self._grad_norm = self._unpartitioned_grad_norm()
             eng.step()
@@ -194,7 +216,8 @@ class Trainer:
                   "loss": float(loss.item()), "lr": float(self.scheduler.get_last_lr()[0]),
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                   **meter.summary(), "peak_mem_gb": peak_memory_gb(self.device),
-                  "samples_seen": self.samples_seen}
+                  "samples_seen": self.samples_seen,
+                  **(self.stream.metrics() if hasattr(self.stream, "metrics") else {})}
         if self.rank == 0:
             record.pop("total_steps")
             self.jsonl.write(record)

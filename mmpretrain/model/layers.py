@@ -1,12 +1,42 @@
 """Transformer building blocks shared by the image and text towers (single-device code)."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Callable, ContextManager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmpretrain.kernels import attention_packed
+
+
+_init_context: Callable[[nn.Parameter], ContextManager] = lambda p: nullcontext()
+
+
+def set_init_context(fn: Callable[[nn.Parameter], ContextManager] | None) -> None:
+    """Set the context in which a parameter is re-initialized after its module was built.
+
+    Under ZeRO-3's `zero.Init`, a submodule's parameters are partitioned as soon as its
+    `__init__` returns, so initializing them from the parent would write into empty shards;
+    the engine installs a context that gathers the one parameter, lets rank 0 initialize it and
+    re-partitions it. The model itself stays single-device code. None restores the default.
+    """
+    global _init_context
+    _init_context = fn or (lambda p: nullcontext())
+
+
+def init_normal_(param: nn.Parameter, std: float) -> None:
+    """`init_normal_(param, std=std)`, in the installed init context."""
+    with _init_context(param):
+        nn.init.normal_(param, std=std)
+
+
+def init_zeros_(param: nn.Parameter) -> None:
+    """`init_zeros_(param)`, in the installed init context."""
+    with _init_context(param):
+        nn.init.zeros_(param)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -123,9 +153,9 @@ class Transformer(nn.Module):
         fc_std = (2 * self.width) ** -0.5
         for block in self.blocks:
             assert isinstance(block, Block)
-            nn.init.normal_(block.attn.qkv.weight, std=attn_std)
-            nn.init.zeros_(block.attn.qkv.bias)
-            nn.init.normal_(block.attn.proj.weight, std=proj_std)
-            nn.init.zeros_(block.attn.proj.bias)
-            nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
-            nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
+            init_normal_(block.attn.qkv.weight, std=attn_std)
+            init_zeros_(block.attn.qkv.bias)
+            init_normal_(block.attn.proj.weight, std=proj_std)
+            init_zeros_(block.attn.proj.bias)
+            init_normal_(block.mlp.fc1.weight, std=fc_std)
+            init_normal_(block.mlp.fc2.weight, std=proj_std)

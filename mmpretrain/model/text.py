@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mmpretrain.config.schema import TextConfig
-from mmpretrain.model.layers import LayerNorm, Transformer
+from mmpretrain.model.layers import LayerNorm, Transformer, init_normal_
 
 PAD_ID = 0
 """Token id of padding; captions are right-padded with it (see `data/tokenize.py`)."""
@@ -58,9 +58,9 @@ class TextTransformer(nn.Module):
 
     def init_weights(self) -> None:
         """OpenCLIP text initialization: token emb std 0.02, positions 0.01, proj width**-0.5."""
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.proj.weight, std=self.transformer.width ** -0.5)
+        init_normal_(self.token_embedding.weight, std=0.02)
+        init_normal_(self.positional_embedding, std=0.01)
+        init_normal_(self.proj.weight, std=self.transformer.width ** -0.5)
         self.transformer.init_weights()
 
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

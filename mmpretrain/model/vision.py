@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mmpretrain.config.schema import VisionConfig
-from mmpretrain.model.layers import LayerNorm, Transformer
+from mmpretrain.model.layers import LayerNorm, Transformer, init_normal_
 
 
 def validate_vision_config(cfg: VisionConfig) -> None:
@@ -63,9 +63,9 @@ class VisionTransformer(nn.Module):
         tower; we use the same one in both towers).
         """
         std = self.transformer.width ** -0.5
-        nn.init.normal_(self.class_embedding, std=std)
-        nn.init.normal_(self.positional_embedding, std=std)
-        nn.init.normal_(self.proj.weight, std=std)
+        init_normal_(self.class_embedding, std=std)
+        init_normal_(self.positional_embedding, std=std)
+        init_normal_(self.proj.weight, std=std)
         self.transformer.init_weights()
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,81 @@
+"""Checks that need a real DeepSpeed engine in a fresh process; run by tests/test_engine.py.
+
+    python tests/engine_checks.py accum OUT_DIR       # accumulation 4 x 8 == batch 32
+    python tests/engine_checks.py zero3_init OUT_DIR  # zero.Init builds the same weights
+
+Each prints one JSON line with its measurements.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+
+def _trainer(out: str, name: str, *overrides: str):
+    from mmpretrain.config.load import load_config
+    from mmpretrain.engine.trainer import Trainer
+
+    cfg = load_config("experiments/tiny_synthetic.yaml", [
+        f"output_dir={out}", f"name={name}", "logging.wandb_mode=disabled",
+        "checkpoint.resume=none", "optim.warmup_steps=0", *overrides])
+    return Trainer(cfg)
+
+
+def _grab_grads(trainer) -> dict[str, torch.Tensor]:
+    """Wrap engine.step so the averaged gradients are copied at the accumulation boundary."""
+    grads: dict[str, torch.Tensor] = {}
+    eng, step = trainer.engine, trainer.engine.step
+
+    def wrapped(*a, **k):
+        if eng.is_gradient_accumulation_boundary():
+            grads.update({n: p.grad.detach().clone() for n, p in eng.module.named_parameters()
+                          if p.grad is not None})
+        return step(*a, **k)
+
+    eng.step = wrapped
+    return grads
+
+
+def check_accum(out: str) -> dict:
+    from mmpretrain.data.synthetic import synthetic_batch
+
+    big = _trainer(out, "big", "data.batch_size=32", "engine.grad_accum=1", "engine.zero_stage=0")
+    small = _trainer(out, "small", "data.batch_size=8", "engine.grad_accum=4",
+                     "engine.zero_stage=0")
+    batch = synthetic_batch(0, 0, 0, 32, 32, 32, 1024)
+    micro = [{k: v[i * 8:(i + 1) * 8] for k, v in batch.items()} for i in range(4)]
+    g_big, g_small = _grab_grads(big), _grab_grads(small)
+    loss_big = big.train_step([batch]).item()
+    loss_small = small.train_step(micro).item()
+    diffs = {n: (g_big[n] - g_small[n]).abs().max().item() / (g_big[n].abs().max().item() + 1e-12)
+             for n in g_big}
+    return {"loss_big": loss_big, "loss_small": loss_small, "n_grads": len(g_big),
+            "n_grads_small": len(g_small), "max_rel_grad_diff": max(diffs.values()),
+            "logit_scale_rel_diff": diffs["model.logit_scale"]}
+
+
+def check_zero3_init(out: str) -> dict:
+    import deepspeed
+
+    z3 = _trainer(out, "z3", "engine.zero_stage=3")
+    z0 = _trainer(out, "z0", "engine.zero_stage=0")
+    ref = {n: p.detach().clone() for n, p in z0.engine.module.named_parameters()}
+    params = list(z3.engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params]):
+        diffs = {n: (p.detach() - ref[n]).abs().max().item() for n, p in params}
+        partitioned = [n for n, p in params if getattr(p, "ds_numel", None) is not None]
+    return {"n_params": len(params), "n_partitioned": len(partitioned),
+            "max_abs_diff": max(diffs.values()),
+            "worst": max(diffs, key=diffs.get)}
+
+
+if __name__ == "__main__":
+    from mmpretrain.engine.dist import free_port
+
+    import os
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    what, out_dir = sys.argv[1], sys.argv[2]
+    result = {"accum": check_accum, "zero3_init": check_zero3_init}[what](out_dir)
+    print("RESULT " + json.dumps(result), flush=True)
