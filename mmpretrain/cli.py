@@ -74,6 +74,95 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Consolidate a checkpoint into safetensors (+ a transformers CLIPModel folder)."""
+    from mmpretrain.checkpoint.export import ExportError, export
+
+    try:
+        report = export(args.source, args.out, dtype=args.dtype, hf=not args.no_hf,
+                        trust_checkpoint=args.trust_checkpoint)
+    except ExportError as e:
+        print(f"mmpretrain export: {e}", file=sys.stderr)
+        return 1
+    for warning in report.warnings:
+        print(f"mmpretrain export: warning: {warning}", file=sys.stderr)
+    print(json.dumps({"export": vars(report)}))
+    return 0
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    """Convert image-caption pairs (folder, CSV/TSV/JSONL, or the demo) to WebDataset shards."""
+    from mmpretrain.data.convert import ShardOptions, SourceError, convert_source, format_summary
+
+    opts = ShardOptions(out_dir=args.out, prefix=args.prefix,
+                        samples_per_shard=args.samples_per_shard, max_size=args.max_size,
+                        quality=args.quality, max_pixels=args.max_pixels or None,
+                        workers=args.workers, overwrite=args.overwrite,
+                        progress=sys.stderr.isatty() and not args.no_progress)
+    try:
+        result = convert_source(opts, args.input, args.demo, args.image_column,
+                                args.caption_column, args.format, args.demo_split)
+    except SourceError as e:
+        print(f"mmpretrain shards: error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(result))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Check every sample of a shard set against its manifest; non-zero exit on problems."""
+    from mmpretrain.data.inspect import format_report, inspect_shards
+
+    try:
+        report = inspect_shards(args.shards, args.workers,
+                                progress=sys.stderr.isatty() and not args.no_progress)
+    except FileNotFoundError as e:
+        print(f"mmpretrain inspect: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
+
+
+def _add_shards_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shards", help="image-caption pairs -> WebDataset tar shards")
+    p.add_argument("input", nargs="?", metavar="INPUT",
+                   help="folder of images with same-stem .txt captions, or a .csv/.tsv/.jsonl "
+                        "table of image paths (relative to the table) and captions")
+    p.add_argument("--out", "-o", required=True, help="output directory")
+    p.add_argument("--demo", action="store_true", help="convert the bundled digits dataset")
+    p.add_argument("--demo-split", choices=["train", "val", "all"], default="train")
+    p.add_argument("--prefix", default="shard", help="shard names: PREFIX-000000.tar ...")
+    p.add_argument("--samples-per-shard", type=int, default=1000,
+                   help="input item i goes to shard i // N (skipped inputs leave gaps)")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="shrink so the longer side is at most N px (re-encode as JPEG)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    p.add_argument("--max-pixels", type=int, default=89_478_485,
+                   help="skip images with more pixels (0: no limit)")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes")
+    p.add_argument("--image-column", default=None,
+                   help="table column of image paths (default: image, filepath, image_path...)")
+    p.add_argument("--caption-column", default=None,
+                   help="table column of captions (default: caption, text, title, ...)")
+    p.add_argument("--format", choices=["csv", "tsv", "jsonl"], default=None,
+                   help="table format (default: from the file extension)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rewrite every shard, even ones a previous run completed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_shards)
+
+
+def _add_inspect_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="validate shards: decode every sample, check manifest")
+    p.add_argument("shards", metavar="SHARDS",
+                   help="directory with manifest.json, or brace pattern data/x-{000000..000009}"
+                        ".tar")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `mmpretrain` command."""
     parser = argparse.ArgumentParser(prog="mmpretrain", description=__doc__)
@@ -96,12 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--image-size", type=int, default=32)
     p.set_defaults(func=cmd_demo_data)
+    p = sub.add_parser("export", help="checkpoint -> safetensors + transformers CLIPModel")
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
+                   help="run directory (newest complete checkpoint) or a step_* directory")
+    p.add_argument("out", metavar="OUT", help="output directory")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--no-hf", action="store_true", help="write only model.safetensors")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of the DeepSpeed files (trusted sources only)")
+    p.set_defaults(func=cmd_export)
+    _add_shards_parser(sub)
+    _add_inspect_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mmpretrain` console script."""
     from mmpretrain.config.load import ConfigError
+    from mmpretrain.engine.trainer import NonFiniteTrainingError
 
     args = build_parser().parse_args(argv)
     if args.command is None:  # `mmpretrain` alone: the demo
@@ -111,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mmpretrain: config error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteTrainingError as e:
+        print(f"mmpretrain: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python tests/engine_checks.py accum OUT_DIR       # accumulation 4 x 8 == batch 32
     python tests/engine_checks.py zero3_init OUT_DIR  # zero.Init builds the same weights
+    python tests/engine_checks.py nonfinite OUT_DIR   # NaN steps are skipped, then the run stops
 
 Each prints one JSON line with its measurements.
 """
@@ -71,11 +72,65 @@ def check_zero3_init(out: str) -> dict:
             "worst": max(diffs, key=diffs.get)}
 
 
+def _nan_from(trainer, bad_calls) -> None:
+    """Make the loss NaN on the given forward calls (1-based) of the training task."""
+    loss, calls = trainer.task.loss, {"n": 0}
+    forward = loss.forward
+
+    def patched(*args):
+        calls["n"] += 1
+        value = forward(*args)
+        return value * float("nan") if bad_calls(calls["n"]) else value
+
+    loss.forward = patched
+
+
+def _param_snapshots(trainer) -> list[dict[str, torch.Tensor]]:
+    snaps: list[dict[str, torch.Tensor]] = []
+    eng, step = trainer.engine, trainer.engine.step
+
+    def wrapped(*a, **k):
+        out = step(*a, **k)
+        snaps.append({n: p.detach().clone() for n, p in eng.module.named_parameters()})
+        return out
+
+    eng.step = wrapped
+    return snaps
+
+
+def check_nonfinite(out: str) -> dict:
+    from mmpretrain.engine.trainer import NonFiniteTrainingError
+
+    result = {}
+    for stage in (0, 2):
+        common = [f"engine.zero_stage={stage}", "optim.steps=6", "optim.max_skipped_steps=2",
+                  "checkpoint.every=0", "data.batch_size=8", "optim.warmup_steps=1"]
+        t = _trainer(out, f"one_nan_{stage}", *common)
+        _nan_from(t, lambda n: n == 3)
+        snaps = _param_snapshots(t)
+        summary = t.train()
+        same = all(torch.equal(snaps[1][k], snaps[2][k]) for k in snaps[1])
+        moved = any(not torch.equal(snaps[2][k], snaps[3][k]) for k in snaps[2])
+        finite = all(torch.isfinite(v).all() for v in snaps[-1].values())
+        t = _trainer(out, f"all_nan_{stage}", *common)
+        _nan_from(t, lambda n: n >= 3)
+        try:
+            t.train()
+            stopped = None
+        except NonFiniteTrainingError as e:
+            stopped = str(e)
+        result[stage] = {"skipped": summary["skipped_steps"], "unchanged_on_skip": same,
+                         "moved_after": moved, "finite": finite, "stopped": stopped,
+                         "checkpoint": t.ckpt.has_step(5)}
+    return result
+
+
 if __name__ == "__main__":
     from mmpretrain.engine.dist import free_port
 
     import os
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     what, out_dir = sys.argv[1], sys.argv[2]
-    result = {"accum": check_accum, "zero3_init": check_zero3_init}[what](out_dir)
+    result = {"accum": check_accum, "zero3_init": check_zero3_init,
+              "nonfinite": check_nonfinite}[what](out_dir)
     print("RESULT " + json.dumps(result), flush=True)

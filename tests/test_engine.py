@@ -34,3 +34,15 @@ def test_zero3_builds_partitioned_model_with_the_same_init(tmp_path: Path) -> No
     r = _check("zero3_init", tmp_path)
     assert r["n_partitioned"] == r["n_params"] > 100
     assert r["max_abs_diff"] == 0.0, r
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path: Path) -> None:
+    """A NaN loss skips the update (weights unchanged, counted); more than
+    optim.max_skipped_steps in a row stop the run with a checkpoint (ZeRO 0 and 2)."""
+    r = _check("nonfinite", tmp_path)
+    for stage in ("0", "2"):
+        s = r[stage]
+        assert s["skipped"] == 1 and s["unchanged_on_skip"] and s["moved_after"], s
+        assert s["finite"], s
+        assert s["stopped"] and "optim.max_skipped_steps=2" in s["stopped"], s
+        assert s["checkpoint"], s

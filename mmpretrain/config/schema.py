@@ -22,7 +22,29 @@ class DataConfig:
     """`demo`: bundled handwritten digits (written to shards once); `shards`: `train_shards`;
     `synthetic`: random tensors generated per step (tests, benchmarks)."""
     train_shards: str = ""
-    """Training shards, a brace pattern such as `data/train-{000000..000099}.tar`."""
+    """Training shards: one or more sources joined by `::`, each a brace pattern of local tar
+    files (`data/train-{000000..000099}.tar`) or of shell commands that write one tar to stdout
+    (`pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -`). Example of a mix:
+    `a/x-{000..099}.tar::pipe:curl -s http://host/y-{000..009}.tar` (see `train_weights`)."""
+    train_weights: list[float] = field(default_factory=list)
+    """Mixing weight of each source of `train_shards`, in order (resampled mode only): each
+    sample comes from source i with probability weight_i / sum(weights), whatever the shard
+    sizes. Empty: the sources mix as if they were one (by sample count, or by shard count when
+    some count is unknown). Epoch mode reads every shard once per epoch, so its mix is fixed by
+    the sources' sizes and it rejects weights."""
+    train_manifests: list[str] = field(default_factory=list)
+    """`manifest.json` (path or directory) of each source of `train_shards`, in order ('' for
+    none): sample counts of `pipe:` shards, matched by the shard's file name. Local shards also
+    use the manifest next to them. Empty: no manifests given."""
+    mode: Literal["epoch", "resampled"] = "epoch"
+    """`epoch`: every shard once per epoch, in an order shuffled by seed and epoch (needs a
+    sample count for every shard and at least world_size x max(num_workers, 1) shards);
+    `resampled`: an endless stream per (rank, worker) that draws shards with replacement,
+    weighted by source weight and shard size (no minimum shard count, counts optional)."""
+    epoch_samples: int = 0
+    """Resampled mode: samples per epoch over all ranks (how often the shard draws and the
+    shuffle buffer restart; a resume fast-forwards at most one epoch). 0: the sources' total
+    sample count, which must then be known."""
     val_shards: str = ""
     """Held-out shards for evaluation (same format); empty means no held-out set."""
     cache_dir: str = ""
@@ -38,6 +60,14 @@ class DataConfig:
     of `model.text.vocab_size` tokens on the training captions and save it in the run directory."""
     crop_scale_min: float = 0.8
     """Lower bound of the area fraction kept by RandomResizedCrop in the train transform."""
+    max_bad_fraction: float = 0.01
+    """Stop training when more than this fraction of the samples a rank has read were bad
+    (corrupt image, missing or non-UTF-8 caption, truncated tar member; bad samples are skipped
+    and counted in the `data_skipped_*` metrics). The fraction is taken over at least 1,000
+    samples. 1: never stop for the fraction."""
+    max_bad_in_a_row: int = 100
+    """Stop training when this many consecutive samples of one DataLoader worker are bad
+    (0: no limit)."""
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     """Per-channel mean used to normalize images (applied on the training device)."""
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -145,6 +175,9 @@ class OptimConfig:
     """Final learning rate of the cosine schedule as a fraction of `lr`."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0: no clipping)."""
+    max_skipped_steps: int = 10
+    """Steps with a non-finite loss or gradient are skipped (no update) and counted; more than
+    this many in a row stop the run with a checkpoint of the last good state."""
 
 
 @dataclass

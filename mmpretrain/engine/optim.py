@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mmpretrain.config.schema import OptimConfig
@@ -25,11 +26,43 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": plain, "weight_decay": 0.0, "name": "no_decay"}]
 
 
+class AdamWSkipNonFinite(torch.optim.AdamW):
+    """AdamW that leaves parameters and moments untouched when any gradient is NaN/Inf.
+
+    DeepSpeed calls this optimizer's `step()` on every rank (on each rank's partition under
+    ZeRO), so the decision is agreed with an all-reduce: one bad shard skips the step
+    everywhere. `skipped_last_step` tells the trainer. (ZeRO's own overflow check only runs
+    for fp16; for fp32/bf16 a NaN would otherwise reach the weights.)
+    """
+
+    skipped_last_step = False
+
+    def step(self, closure=None):  # type: ignore[override]
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        bad = torch.zeros(1, device=_flag_device(grads))
+        if grads:
+            bad += (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float().to(
+                bad.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.skipped_last_step = bool(bad.item() > 0)
+        if self.skipped_last_step:
+            return None
+        return super().step(closure)
+
+
+def _flag_device(grads: list[torch.Tensor]) -> torch.device:
+    """Where the skip flag lives: the collective backend's device (nccl needs CUDA)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return grads[0].device if grads else torch.device("cpu")
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """torch AdamW (fused on CUDA) over `param_groups`."""
+    """AdamW (fused on CUDA) over `param_groups` that skips steps with non-finite gradients."""
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": False}
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
+    return AdamWSkipNonFinite(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                              betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
 
 
 def lr_factor(step: int, cfg: OptimConfig) -> float:

@@ -24,6 +24,10 @@ from mmpretrain.model.task import ContrastiveTask, FeatureCache
 log = logging.getLogger("mmpretrain.trainer")
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
 def setup_logging(rank: int) -> None:
     """Console logging: INFO on rank 0, warnings only on other ranks."""
     root = logging.getLogger("mmpretrain")
@@ -49,6 +53,8 @@ class Trainer:
         self.samples_seen = 0
         self._stop_signal: int | None = None
         self._grad_norm: float | None = None
+        self.skipped_steps = 0
+        self._skipped_in_a_row = 0
         self._prepare_run_dir()
         self._build()
 
@@ -76,7 +82,7 @@ class Trainer:
         ds_cfg = build_ds_config(cfg, self.world, self.precision, self.device)
         model = self._build_model(ds_cfg)
         self.task = ContrastiveTask(model, build_loss(cfg.loss), cfg.data.mean, cfg.data.std)
-        optimizer = build_optimizer(self.task, cfg.optim, self.device)
+        optimizer = self._client_optimizer = build_optimizer(self.task, cfg.optim, self.device)
         # A factory: DeepSpeed calls it with the optimizer it wraps (ZeRO-3 regroups params).
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.task, optimizer=optimizer, config=ds_cfg,
@@ -131,6 +137,7 @@ class Trainer:
             return False
         client, meta = self.ckpt.load(self.engine, path)
         self.step, self.samples_seen = client["step"], client["samples_seen"]
+        self.skipped_steps = client.get("skipped_steps", 0)
         self.stream.load_state_dict(client["data"])
         if meta.get("config_hash") != config_hash(self.cfg):
             log.warning("resuming %s saved with a different config (hash %s, now %s)",
@@ -143,6 +150,7 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint the engine, the data stream position and the counters."""
         client = {"step": self.step, "samples_seen": self.samples_seen,
+                  "skipped_steps": self.skipped_steps,
                   "data": self.stream.state_dict(), "config_hash": config_hash(self.cfg)}
         meta = {"config_hash": config_hash(self.cfg), "samples_seen": self.samples_seen,
                 "zero_stage": self.cfg.engine.zero_stage, "precision": self.precision}
@@ -216,7 +224,7 @@ class Trainer:
                   "loss": float(loss.item()), "lr": float(self.scheduler.get_last_lr()[0]),
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                   **meter.summary(), "peak_mem_gb": peak_memory_gb(self.device),
-                  "samples_seen": self.samples_seen,
+                  "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
                   **(self.stream.metrics() if hasattr(self.stream, "metrics") else {})}
         if self.rank == 0:
             record.pop("total_steps")
@@ -244,50 +252,77 @@ class Trainer:
         cfg = self.cfg
         self.resume()
         self._install_signal_handlers()
-        wandb, bar, meter = self._make_wandb(), self._progress(), StepMeter()
-        loss_sum, n_loss, status = torch.zeros((), device=self.device), 0, "finished"
+        self._wandb, bar, self._meter = self._make_wandb(), self._progress(), StepMeter()
+        self._loss_sum, self._n_loss, status = torch.zeros((), device=self.device), 0, "finished"
         batches = iter(self.stream)
         self.engine.train()
         while self.step < cfg.optim.steps:
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(cfg.engine.grad_accum)]
-            data_time = time.perf_counter() - t0
-            log_now = (self.step + 1) % cfg.logging.log_every == 0 or self.step + 1 == cfg.optim.steps
-            loss_sum += self.train_step(micro, want_grad_norm=log_now)
-            n_loss += 1
-            self.step += 1
-            self.samples_seen += self.global_batch
-            meter.update(self.global_batch, data_time)
+            self._one_step(batches)
             if bar is not None:
                 bar.update(1)
-            if log_now:
-                self._log(loss_sum, n_loss, meter, wandb)
-                loss_sum, n_loss = torch.zeros((), device=self.device), 0
-            if self._stop_requested():
-                log.warning("stop signal received: saving at step %d and exiting", self.step)
-                self.save()
-                status = "preempted"
+            status = self._after_step()
+            if status != "running":
                 break
-            if cfg.optim.stop_after and self.step >= cfg.optim.stop_after:
-                status = "stopped"
-                break
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                self.save()
-            if cfg.eval.every and self.step % cfg.eval.every == 0:
-                self._log_eval(self.evaluate(), wandb)
+        status = "finished" if status == "running" else status
         if bar is not None:
             bar.close()
         summary: dict[str, Any] = {"status": status, "step": self.step,
+                                   "skipped_steps": self.skipped_steps,
                                    "run_dir": str(self.run_dir)}
         if status != "preempted" and cfg.checkpoint.save_final and not self.ckpt.has_step(
                 self.step):
             self.save()
-        if status == "finished":
-            if cfg.eval.at_end:
-                summary.update(self.evaluate())
-                self._log_eval(summary, wandb)
-        wandb.finish()
+        if status == "finished" and cfg.eval.at_end:
+            summary.update(self.evaluate())
+            self._log_eval(summary, self._wandb)
+        self._wandb.finish()
         return summary
+
+    def _one_step(self, batches: Any) -> None:
+        """Fetch `grad_accum` micro-batches, take one optimizer step, update the counters."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(cfg.engine.grad_accum)]
+        data_time = time.perf_counter() - t0
+        self._log_now = (self.step + 1) % cfg.logging.log_every == 0 or (
+            self.step + 1 == cfg.optim.steps)
+        self._loss_sum += self.train_step(micro, want_grad_norm=self._log_now)
+        self._n_loss += 1
+        self.step += 1
+        self.samples_seen += self.global_batch
+        self._meter.update(self.global_batch, data_time)
+        if not self._client_optimizer.skipped_last_step:
+            self._skipped_in_a_row = 0
+        else:
+            self.skipped_steps += 1
+            self._skipped_in_a_row += 1
+            log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", self.step,
+                        self._skipped_in_a_row)
+
+    def _after_step(self) -> str:
+        """Logging, signals, stops, checkpoints and evals after a step; returns the status."""
+        cfg = self.cfg
+        if self._log_now:
+            self._log(self._loss_sum, self._n_loss, self._meter, self._wandb)
+            self._loss_sum, self._n_loss = torch.zeros((), device=self.device), 0
+        if self._skipped_in_a_row > cfg.optim.max_skipped_steps:
+            self.save()  # skipped steps changed no weights: this is the last good state
+            raise NonFiniteTrainingError(
+                f"{self._skipped_in_a_row} steps in a row had a non-finite loss or gradient "
+                f"(limit optim.max_skipped_steps={cfg.optim.max_skipped_steps}); stopped at "
+                f"step {self.step} with a checkpoint of the last good weights in "
+                f"{self.ckpt.dir}. Lower optim.lr or check the data.")
+        if self._stop_requested():
+            log.warning("stop signal received: saving at step %d and exiting", self.step)
+            self.save()
+            return "preempted"
+        if cfg.optim.stop_after and self.step >= cfg.optim.stop_after:
+            return "stopped"
+        if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+            self.save()
+        if cfg.eval.every and self.step % cfg.eval.every == 0:
+            self._log_eval(self.evaluate(), self._wandb)
+        return "running"
 
     # ---- evaluation ----------------------------------------------------------------------
     def _log_eval(self, metrics: dict[str, Any], wandb: Any) -> None:
