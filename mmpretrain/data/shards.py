@@ -66,17 +66,21 @@ class ShardWriter:
     Use as a context manager or call `close()`; `close()` returns the manifest. A shard is closed
     and renamed from `NAME.tmp` to `NAME` once it holds `samples_per_shard` samples (or would
     exceed `max_shard_bytes`). If the `with` block raises, the open temporary shard is removed and
-    no manifest is written.
+    no manifest is written. Shards are numbered from `start_index`; with `write_manifest=False`
+    `close()` only returns the manifest (for writers of one part of a larger set).
     """
 
     def __init__(self, out_dir: str, prefix: str = "shard", samples_per_shard: int = 1000,
-                 max_shard_bytes: int | None = None) -> None:
+                 max_shard_bytes: int | None = None, start_index: int = 0,
+                 write_manifest: bool = True) -> None:
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         self.out_dir = os.fspath(out_dir)
         self.prefix = prefix
         self.samples_per_shard = samples_per_shard
         self.max_shard_bytes = max_shard_bytes
+        self.start_index = start_index
+        self.write_manifest = write_manifest
         self.shards: list[dict[str, Any]] = []
         self._tar: tarfile.TarFile | None = None
         self._tmp_path = ""
@@ -121,7 +125,7 @@ class ShardWriter:
         self._bytes += size
 
     def _start_shard(self) -> None:
-        name = shard_name(self.prefix, len(self.shards))
+        name = shard_name(self.prefix, self.start_index + len(self.shards))
         self._tmp_path = os.path.join(self.out_dir, name + ".tmp")
         self._tar = tarfile.open(self._tmp_path, "w", format=tarfile.PAX_FORMAT)
         self._count, self._bytes, self._keys = 0, 0, set()
@@ -152,7 +156,8 @@ class ShardWriter:
             self._finish_shard()
         self._closed = True
         manifest = make_manifest(self.prefix, self.shards)
-        write_json_atomic(os.path.join(self.out_dir, MANIFEST_NAME), manifest)
+        if self.write_manifest:
+            write_json_atomic(os.path.join(self.out_dir, MANIFEST_NAME), manifest)
         return manifest
 
 
