@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mmpretrain` console script."""
     from mmpretrain.config.load import ConfigError
-    from mmpretrain.engine.trainer import NonFiniteTrainingError
+    from mmpretrain.engine.errors import NonFiniteTrainingError
 
     args = build_parser().parse_args(argv)
     if args.command is None:  # `mmpretrain` alone: the demo

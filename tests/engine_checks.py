@@ -99,7 +99,7 @@ def _param_snapshots(trainer) -> list[dict[str, torch.Tensor]]:
 
 
 def check_nonfinite(out: str) -> dict:
-    from mmpretrain.engine.trainer import NonFiniteTrainingError
+    from mmpretrain.engine.errors import NonFiniteTrainingError
 
     result = {}
     for stage in (0, 2):

@@ -17,15 +17,12 @@ from mmpretrain.config.load import config_hash, to_dict, to_yaml
 from mmpretrain.config.schema import ExperimentConfig
 from mmpretrain.engine.dist import init_distributed
 from mmpretrain.engine.ds_config import build_ds_config, resolve_precision
+from mmpretrain.engine.errors import NonFiniteTrainingError
 from mmpretrain.engine.optim import build_optimizer, build_scheduler
 from mmpretrain.logging.metrics import JsonlWriter, StepMeter, format_metrics, peak_memory_gb
 from mmpretrain.model.task import ContrastiveTask, FeatureCache
 
 log = logging.getLogger("mmpretrain.trainer")
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 def setup_logging(rank: int) -> None:
