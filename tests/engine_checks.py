@@ -3,6 +3,7 @@
     python tests/engine_checks.py accum OUT_DIR       # accumulation 4 x 8 == batch 32
     python tests/engine_checks.py zero3_init OUT_DIR  # zero.Init builds the same weights
     python tests/engine_checks.py nonfinite OUT_DIR   # NaN steps are skipped, then the run stops
+    python tests/engine_checks.py universal OUT_DIR STAGE NAME  # resume on another world size
 
 Each prints one JSON line with its measurements.
 """
@@ -125,12 +126,41 @@ def check_nonfinite(out: str) -> dict:
     return result
 
 
+def check_universal(out: str, stage: str, saved: str) -> dict:
+    """Resume run `saved` (written by another number of ranks) and compare the loaded fp32
+    weights and Adam moments with the checkpoint's consolidated state."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    t = _trainer(out, saved, f"engine.zero_stage={stage}", "checkpoint.resume=auto",
+                 "optim.steps=8")
+    path = t._resume_path
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    loaded = t.resume()
+    w_diff = m_diff = 0.0
+    moments = 0
+    for name, p in t.engine.module.named_parameters():
+        w_diff = max(w_diff, (safe_get_full_fp32_param(p) - consolidated[name]).abs().max().item())
+        m = safe_get_full_optimizer_state(p, "exp_avg")
+        ref = torch.load(t._universal / "zero" / name / "exp_avg.pt", weights_only=False)
+        m_diff = max(m_diff, (m - ref["param"]).abs().max().item())
+        moments += int(m.abs().sum().item() > 0)
+    summary = t.train()
+    return {"loaded": loaded, "step_after_load": 4, "world": dist.get_world_size(),
+            "max_weight_diff": w_diff, "max_exp_avg_diff": m_diff,
+            "params_with_moments": moments, "n_params": len(consolidated),
+            "finished_step": summary["step"]}
+
+
 if __name__ == "__main__":
+    import os
+
     from mmpretrain.engine.dist import free_port
 
-    import os
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    what, out_dir = sys.argv[1], sys.argv[2]
+    what, out_dir, *rest = sys.argv[1:]
     result = {"accum": check_accum, "zero3_init": check_zero3_init,
-              "nonfinite": check_nonfinite}[what](out_dir)
-    print("RESULT " + json.dumps(result), flush=True)
+              "nonfinite": check_nonfinite, "universal": check_universal}[what](out_dir, *rest)
+    if os.environ.get("RANK", "0") == "0":
+        print("RESULT " + json.dumps(result), flush=True)

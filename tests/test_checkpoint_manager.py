@@ -270,9 +270,12 @@ def test_load_round_trip(ckdir: Path) -> None:
 
 
 def test_load_world_size_mismatch(ckdir: Path) -> None:
+    """ZeRO shards of another world size are never loaded directly (only via universal)."""
     saver = CheckpointManager(ckdir, keep_last=3, rank=0, world_size=4)
-    path = saver.save(FakeEngine(), 10, {"step": 10}, {})
+    path = saver.save(FakeEngine(), 10, {"step": 10}, {"zero_stage": 2})
     loader = CheckpointManager(ckdir, keep_last=3, rank=0, world_size=2)
+    assert loader.needs_universal(path)
+    assert not CheckpointManager(ckdir, 3, 0, 4).needs_universal(path)
     eng = FakeEngine()
     with pytest.raises(RuntimeError, match=r"saved by 4 rank.*has 2") as e:
         loader.load(eng, path)

@@ -6,13 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO, clean_env
+import pytest
+
+from helpers import REPO, clean_env, free_port, run_train
 
 
-def _check(name: str, out: Path) -> dict:
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "engine_checks.py"), name,
-                           str(out)], cwd=REPO, env=clean_env(), capture_output=True, text=True,
-                          timeout=600)
+def _check(name: str, out: Path, *args: str, nproc: int = 1) -> dict:
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_port", str(free_port())]
+    proc = subprocess.run([*launcher, str(REPO / "tests" / "engine_checks.py"), name,
+                           str(out), *args], cwd=REPO, env=clean_env(), capture_output=True,
+                          text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return json.loads(lines[-1][len("RESULT "):])
@@ -46,3 +51,19 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path: Path) -> None:
         assert s["finite"], s
         assert s["stopped"] and "optim.max_skipped_steps=2" in s["stopped"], s
         assert s["checkpoint"], s
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved_world, resumed_world", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size(tmp_path: Path, saved_world: int,
+                                      resumed_world: int) -> None:
+    """ZeRO-2 checkpoint of N ranks resumed on M: converted to DeepSpeed's universal format
+    automatically; fp32 weights and Adam moments equal the checkpoint's consolidated state."""
+    run_train([f"output_dir={tmp_path}", "name=run", "engine.zero_stage=2", "optim.steps=8",
+               "optim.stop_after=4", "checkpoint.every=4", "logging.wandb_mode=disabled",
+               "data.batch_size=8"], nproc=saved_world)
+    r = _check("universal", tmp_path, "2", "run", nproc=resumed_world)
+    assert r["loaded"] and r["world"] == resumed_world
+    assert r["max_weight_diff"] == 0.0 and r["max_exp_avg_diff"] == 0.0, r
+    assert r["params_with_moments"] == r["n_params"] > 100  # moments continue, not zeros
+    assert r["finished_step"] == 8

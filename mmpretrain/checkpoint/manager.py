@@ -16,6 +16,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,7 @@ class CheckpointManager:
         for p in done[:-self.keep_last]:
             if p.name != self.protected:
                 shutil.rmtree(p, ignore_errors=True)
+                shutil.rmtree(self.dir / "universal" / p.name, ignore_errors=True)
 
     # ---- loading -------------------------------------------------------------------------
     def resolve(self, resume: str) -> Path | None:
@@ -160,20 +163,56 @@ class CheckpointManager:
                                     "mmpretrain checkpoint (no meta.json)")
         return path
 
-    def load(self, engine: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Load model, optimizer, scheduler and this rank's RNG state; returns (client, meta)."""
+    def needs_universal(self, path: Path) -> bool:
+        """Whether `path` was saved by another number of ranks under ZeRO 1-3 (its optimizer
+        shards then have to be re-cut through DeepSpeed's universal checkpoint format)."""
         meta = json.loads((path / "meta.json").read_text())
-        if meta["world_size"] != self.world_size:
+        return meta["world_size"] != self.world_size and meta.get("zero_stage", 0) >= 1
+
+    def universal(self, path: Path) -> Path:
+        """Convert `path` to a universal checkpoint once (rank 0; cached next to the others
+        under `universal/`); every rank waits and gets its location."""
+        out = self.dir / "universal" / path.name
+        if self.rank == 0 and not (out / "meta.json").is_file():
+            tmp = out.with_name(f"{TMP_PREFIX}{out.name}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            t0 = time.perf_counter()
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                   "--input_folder", str(path), "--output_folder", str(tmp),
+                   "--inject_missing_state", "--num_extract_workers", "1",
+                   "--num_merge_workers", "1"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"converting {path} to a universal checkpoint failed "
+                                   f"({' '.join(cmd)}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+            shutil.copy(path / "meta.json", tmp / "meta.json")
+            os.replace(tmp, out)
+            log.info("converted %s to a universal checkpoint in %.1fs", path,
+                     time.perf_counter() - t0)
+        _barrier()
+        return out
+
+    def load(self, engine: Any, path: Path,
+             universal: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Load model, optimizer, scheduler and this rank's RNG state; returns (client, meta).
+
+        A checkpoint of another world size loads from its `universal` conversion (ZeRO 1-3;
+        the engine must have been built with `checkpoint.load_universal`) or directly (no
+        ZeRO: nothing is partitioned). RNG states are then not restored: they were per rank."""
+        meta = json.loads((path / "meta.json").read_text())
+        same_world = meta["world_size"] == self.world_size
+        if not same_world and universal is None and meta.get("zero_stage", 0) >= 1:
             raise RuntimeError(
                 f"{path} was saved by {meta['world_size']} rank(s) but this run has "
-                f"{self.world_size}; resuming on another world size is not supported yet")
-        load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name,
+                f"{self.world_size}: load it through its universal conversion")
+        source = universal or path
+        load_path, client = engine.load_checkpoint(str(source.parent), tag=source.name,
                                                    load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint at {source}")
         rank_file = path / f"rank_{self.rank:05d}.pt"
-        if rank_file.is_file():
+        if same_world and rank_file.is_file():
             set_rng_state(torch.load(rank_file, weights_only=True)["rng"])
         self.protected = path.name
         return client or {}, meta

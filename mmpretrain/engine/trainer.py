@@ -77,6 +77,13 @@ class Trainer:
         kernels.set_default_impl(cfg.model.attention)
         self.tokenizer = self._prepare_tokenizer(prepare_tokenizer)
         ds_cfg = build_ds_config(cfg, self.world, self.precision, self.device)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
+                                      self.rank, self.world)
+        self._resume_path = self.ckpt.resolve(cfg.checkpoint.resume)
+        self._universal = None
+        if self._resume_path is not None and self.ckpt.needs_universal(self._resume_path):
+            self._universal = self.ckpt.universal(self._resume_path)
+            ds_cfg["checkpoint"] = {"load_universal": True}
         model = self._build_model(ds_cfg)
         self.task = ContrastiveTask(model, build_loss(cfg.loss), cfg.data.mean, cfg.data.std)
         optimizer = self._client_optimizer = build_optimizer(self.task, cfg.optim, self.device)
@@ -85,8 +92,6 @@ class Trainer:
             model=self.task, optimizer=optimizer, config=ds_cfg,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim))
         self.stream = build_train_stream(cfg, self.tokenizer, self.rank, self.world)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
-                                      self.rank, self.world)
         self.jsonl = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
         self.global_batch = cfg.data.batch_size * cfg.engine.grad_accum * self.world
 
@@ -129,10 +134,14 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------
     def resume(self) -> bool:
         """Load the checkpoint `checkpoint.resume` names (if any); True when one was loaded."""
-        path = self.ckpt.resolve(self.cfg.checkpoint.resume)
+        path = self._resume_path
         if path is None:
             return False
-        client, meta = self.ckpt.load(self.engine, path)
+        client, meta = self.ckpt.load(self.engine, path, self._universal)
+        if meta["world_size"] != self.world:
+            log.warning("resuming %s saved by %d rank(s) on %d: weights and optimizer state "
+                        "continue; the data stream continues at the same fraction of its epoch",
+                        path, meta["world_size"], self.world)
         self.step, self.samples_seen = client["step"], client["samples_seen"]
         self.skipped_steps = client.get("skipped_steps", 0)
         self.stream.load_state_dict(client["data"])
