@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +29,13 @@ import torch.distributed as dist
 
 log = logging.getLogger("mmpretrain.checkpoint")
 TMP_PREFIX = ".tmp-"
+
+
+def _failpoint(name: str, step: int) -> None:
+    """Die like `kill -9` here when MMPRETRAIN_FAILPOINT=name:step (the fault tests use it to
+    crash in the middle of a checkpoint write)."""
+    if os.environ.get("MMPRETRAIN_FAILPOINT") == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _barrier() -> None:
@@ -119,6 +127,7 @@ class CheckpointManager:
         torch.save({"rng": rng_state(), "rank": self.rank}, tmp / f"rank_{self.rank:05d}.pt")
         _barrier()
         if self.rank == 0:
+            _failpoint("checkpoint_before_rename", step)
             meta = {**meta, "step": step, "world_size": self.world_size, "time": time.time()}
             write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
             if final.exists():  # re-saving a step: keep the old copy until the new one is in place
