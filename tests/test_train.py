@@ -31,9 +31,15 @@ def test_single_process_loss_decreases(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_rank_zero2_resume_is_exact(tmp_path: Path) -> None:
-    """2 ranks, ZeRO-2: stop at step 10, resume, and steps 11-20 equal an uninterrupted run."""
-    base = ["optim.steps=20", "engine.zero_stage=2", "checkpoint.every=10"]
+@pytest.mark.parametrize("engine", [
+    ["engine.zero_stage=1"],
+    ["engine.zero_stage=2"],
+    ["engine.zero_stage=3"],
+    ["engine.zero_stage=2", "engine.offload_optimizer=true", "model.activation_checkpointing=true"],
+], ids=["zero1", "zero2", "zero3", "zero2-offload-actckpt"])
+def test_two_rank_resume_is_exact(tmp_path: Path, engine: list[str]) -> None:
+    """2 ranks: stop at step 10, resume, and steps 11-20 equal an uninterrupted run."""
+    base = ["optim.steps=20", "checkpoint.every=10", "data.batch_size=16", *engine]
     run_train(_common(tmp_path, "full", *base), nproc=2)
     run_train(_common(tmp_path, "split", *base, "optim.stop_after=10"), nproc=2)
     split = tmp_path / "split"

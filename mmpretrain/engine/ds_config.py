@@ -33,7 +33,8 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int, precision: str,
     if eng.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False,
                     stage3_param_persistence_threshold=int(1e5))
-    if eng.offload_optimizer:
+    offload = eng.offload_optimizer
+    if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
@@ -45,6 +46,9 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int, precision: str,
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # We pass torch.optim.AdamW (fused on CUDA): DeepSpeed's own Adam JIT-compiles an op.
         "zero_allow_untested_optimizer": True,
+        # With offload, torch's AdamW runs on the CPU copies; DeepSpeedCPUAdam would be faster
+        # there but JIT-compiles a C++ op (~40 s) on first use.
+        **({"zero_force_ds_cpu_optimizer": False} if offload else {}),
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         "dump_state": False,
