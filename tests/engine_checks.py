@@ -68,9 +68,18 @@ def check_zero3_init(out: str) -> dict:
     with deepspeed.zero.GatheredParameters([p for _, p in params]):
         diffs = {n: (p.detach() - ref[n]).abs().max().item() for n, p in params}
         partitioned = [n for n, p in params if getattr(p, "ds_numel", None) is not None]
+    # one optimizer step on the same batch (weight decay included) moves both alike
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from mmpretrain.data.synthetic import synthetic_batch
+    batch = synthetic_batch(0, 0, 0, 16, 32, 32, 1024)
+    z0.train_step([batch])
+    z3.train_step([batch])
+    step_diff = max((safe_get_full_fp32_param(p) - dict(z0.engine.module.named_parameters())[n]
+                     ).abs().max().item() for n, p in params)
     return {"n_params": len(params), "n_partitioned": len(partitioned),
-            "max_abs_diff": max(diffs.values()),
-            "worst": max(diffs, key=diffs.get)}
+            "max_abs_diff": max(diffs.values()), "worst": max(diffs, key=diffs.get),
+            "max_diff_after_step": step_diff}
 
 
 def _nan_from(trainer, bad_calls) -> None:

@@ -13,7 +13,10 @@ from mmpretrain.config.schema import OptimConfig
 def no_decay(name: str, param: nn.Parameter) -> bool:
     """Norm weights, biases, 1-d embeddings (class token) and the logit scale/bias never decay
     (as in CLIP/open_clip); every tensor of two or more dimensions does."""
-    return param.ndim < 2 or "logit_" in name
+    # Under ZeRO-3's zero.Init a parameter's data is an empty 1-d placeholder; `ds_shape`
+    # holds its real shape.
+    ndim = len(getattr(param, "ds_shape", param.shape))
+    return ndim < 2 or "logit_" in name
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
