@@ -123,6 +123,37 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    """Measure the training data path (decode, crop, tokenize, batch) per DataLoader worker."""
+    from mmpretrain.data.bench import bench_data, format_report
+
+    workers = tuple(int(w) for w in args.workers.split(","))
+    report = bench_data(args.shards, args.out, workers, args.batch_size, args.image_size,
+                        args.context_length, args.batches, args.samples, args.long_side,
+                        args.fast_jpeg)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks on this machine")
+    bsub = p.add_subparsers(dest="what", required=True)
+    b = bsub.add_parser("data", help="data path samples/s per DataLoader worker")
+    b.add_argument("--shards", default="", help="shard pattern to read (default: generate "
+                   "photo-like JPEG shards under ~/.cache/mmpretrain or --out)")
+    b.add_argument("--out", default="", help="where generated shards go")
+    b.add_argument("--samples", type=int, default=3072, help="samples to generate")
+    b.add_argument("--long-side", type=int, default=500, help="generated images' long side")
+    b.add_argument("--workers", default="1,2", help="worker counts to measure (0: in-process)")
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--image-size", type=int, default=224)
+    b.add_argument("--context-length", type=int, default=77)
+    b.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
+    b.add_argument("--fast-jpeg", action="store_true", help="stream with data.fast_jpeg=true")
+    b.add_argument("--json", action="store_true", help="print the report as JSON")
+    b.set_defaults(func=cmd_bench_data)
+
+
 def _add_shards_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shards", help="image-caption pairs -> WebDataset tar shards")
     p.add_argument("input", nargs="?", metavar="INPUT",
@@ -196,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
     _add_shards_parser(sub)
     _add_inspect_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 
