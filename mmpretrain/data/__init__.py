@@ -3,24 +3,34 @@
 Entry points for the trainer: `prepare_tokenizer(cfg, run_dir)` then
 `build_train_stream(cfg, tokenizer, rank, world_size)`; `EvalStream` for held-out shards;
 `normalize` turns the uint8 images into model input on the device.
+
+Where things live: `shardlist.py` (shard specs: local, `pipe:`, mixed sources, counts, reading),
+`sampling.py` (epoch and resampled sample orders), `badsamples.py` (skipping and the error
+budget), `pipeline.py` (TrainStream: workers, batches, exact resume), `evalstream.py`,
+`decode.py`, `tokenize.py`, `shards.py` (writing shards), `bench.py` (`mmpretrain bench data`).
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
+from .badsamples import SKIP_KINDS, DataErrorBudgetExceeded
 from .decode import normalize
 from .demo import DemoData, ensure_demo_shards
-from .pipeline import EvalStream, TrainStream, eval_batches
+from .evalstream import EvalStream, eval_batches
+from .pipeline import TrainStream
+from .shardlist import ShardReadError, expand_pattern, read_shard, resolve_sources
 from .shards import ShardWriter, read_manifest, write_shards
 from .synthetic import SyntheticStream
 from .tokenize import Tokenizer, iter_captions, load_tokenizer, train_tokenizer
 
 __all__ = [
-    "DemoData", "EvalStream", "ShardWriter", "SyntheticStream", "Tokenizer", "TrainStream",
-    "build_train_stream", "ensure_demo_shards", "eval_batches", "iter_captions",
-    "load_tokenizer", "normalize", "prepare_tokenizer", "read_manifest", "train_pattern",
-    "train_tokenizer", "val_pattern", "write_shards",
+    "SKIP_KINDS", "DataErrorBudgetExceeded", "DemoData", "EvalStream", "ShardReadError",
+    "ShardWriter", "SyntheticStream", "Tokenizer", "TrainStream", "build_train_stream",
+    "ensure_demo_shards", "eval_batches", "iter_captions", "iter_shard_captions",
+    "load_tokenizer", "normalize", "prepare_tokenizer", "read_manifest", "resolve_sources",
+    "train_pattern", "train_tokenizer", "val_pattern", "write_shards",
 ]
 
 MAX_TOKENIZER_CAPTIONS = 200_000  # captions read to fit a tokenizer (the first shards' worth)
@@ -63,6 +73,19 @@ def build_train_stream(cfg: Any, tokenizer: Tokenizer | None, rank: int = 0,
     return TrainStream(cfg, tokenizer, rank, world_size, pattern=train_pattern(cfg))
 
 
+def iter_shard_captions(spec: str, limit: int | None = None) -> Iterator[str]:
+    """Captions (`txt`, UTF-8 with undecodable bytes replaced) of a shard spec's shards in
+    order: local or `pipe:`, sources joined by `::`; truncated shards are read up to the break."""
+    count = 0
+    for url in expand_pattern(spec):
+        for sample in read_shard(url, on_truncated=lambda exc: None):
+            if "txt" in sample:
+                yield sample["txt"].decode("utf-8", errors="replace")
+                count += 1
+                if limit is not None and count >= limit:
+                    return
+
+
 def _check_vocab(tokenizer: Tokenizer, cfg: Any) -> Tokenizer:
     if tokenizer.vocab_size > cfg.model.text.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but "
@@ -86,5 +109,5 @@ def prepare_tokenizer(cfg: Any, run_dir: str) -> Tokenizer | None:
     saved = os.path.join(run_dir, "tokenizer")
     if os.path.isfile(os.path.join(saved, "tokenizer.json")):
         return _check_vocab(load_tokenizer(saved), cfg)
-    captions = iter_captions(train_pattern(cfg), limit=MAX_TOKENIZER_CAPTIONS)
+    captions = iter_shard_captions(train_pattern(cfg), limit=MAX_TOKENIZER_CAPTIONS)
     return _check_vocab(train_tokenizer(captions, cfg.model.text.vocab_size, saved), cfg)

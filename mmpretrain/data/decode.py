@@ -3,7 +3,10 @@
 Images stay uint8 from the JPEG decoder to the training device (a quarter of float32's bytes in
 the worker → main process → device copies); the trainer converts them with `normalize()` on the
 device. Measured on this machine (DESIGN.md): simplejpeg decodes ~1.45x faster than PIL, and
-torch's uint8 bicubic antialiased resize of the crop costs ~0.3 ms at 224 px.
+torch's uint8 bicubic antialiased resize of the crop costs ~0.3 ms at 224 px. `decode_train` draws
+the crop from the JPEG header first and decodes at 1/2 (1/4, 1/8) scale when the crop still holds
+at least the output size there: libjpeg's DCT-domain downscale is faster than a full decode
+(its 3/8..7/8 scales are slower, so they are not used).
 
 Randomness comes only from an explicit `numpy.random.Generator`, never from global state, so a
 sample's augmentation is reproducible from its seed alone (exact data-stream resume).
@@ -26,18 +29,41 @@ except ImportError:  # pragma: no cover - optional dependency
 
 _JPEG_MAGIC = b"\xff\xd8"
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
+REDUCE_FACTORS = (8, 4, 2)  # JPEG decode downscales that are faster than a full decode
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's header (no decoding), or None when it is not a JPEG that
+    simplejpeg reads."""
+    if simplejpeg is None or data[:2] != _JPEG_MAGIC:
+        return None
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    except (ValueError, RuntimeError):
+        return None
+    return int(height), int(width)
+
+
+def decode_rgb(data: bytes, reduce: int = 1, fast: bool = False) -> np.ndarray:
     """Decode image bytes to a uint8 RGB array `(H, W, 3)`.
 
-    JPEGs go through simplejpeg when it is installed; anything it refuses (CMYK JPEGs, corrupt
-    headers it is strict about) and every other format go through PIL, converted to RGB (handles
-    grayscale, palette, alpha, CMYK). Raises `ValueError` when no decoder can read the bytes.
+    JPEGs go through simplejpeg when it is installed, at `1/reduce` scale (`reduce` in 1, 2, 4,
+    8: ceil(H / reduce) x ceil(W / reduce)); `fast` selects libjpeg's fast integer IDCT and
+    chroma upsampling (~25% faster, ~1/255 mean error after resize). Anything simplejpeg
+    refuses (CMYK JPEGs, corrupt headers it is strict about) and every other format go through
+    PIL at full size, converted to RGB (handles grayscale, palette, alpha, CMYK). Raises
+    `ValueError` when no decoder can read the bytes.
     """
     if simplejpeg is not None and data[:2] == _JPEG_MAGIC:
         try:
-            return simplejpeg.decode_jpeg(data, colorspace="RGB")
+            if reduce > 1:
+                height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+                return simplejpeg.decode_jpeg(
+                    data, colorspace="RGB", fastdct=fast, fastupsample=fast,
+                    min_height=-(-height // reduce), min_width=-(-width // reduce),
+                    min_factor=reduce)
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=fast,
+                                          fastupsample=fast)
         except (ValueError, RuntimeError):
             pass  # fall back to PIL below
     try:
@@ -103,6 +129,43 @@ def train_transform(image: np.ndarray, size: int, scale_min: float,
                     rng: np.random.Generator) -> torch.Tensor:
     """RandomResizedCrop(scale=(scale_min, 1), ratio=(3/4, 4/3)) to (3, size, size) uint8."""
     box = random_resized_crop_box(image.shape[0], image.shape[1], (scale_min, 1.0), rng)
+    return crop_resize(image, box, size)
+
+
+def reduce_factor(box: tuple[int, int, int, int], size: int) -> int:
+    """The largest JPEG decode downscale after which the crop `box` still has at least `size`
+    pixels on both sides (1: decode at full size)."""
+    _, _, height, width = box
+    return next((f for f in REDUCE_FACTORS if min(height, width) >= f * size), 1)
+
+
+def scale_box(box: tuple[int, int, int, int], full: tuple[int, int],
+              reduced: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The crop `box` of a (H, W) image mapped onto the same image decoded at (h, w)."""
+    top, left, height, width = box
+    sy, sx = reduced[0] / full[0], reduced[1] / full[1]
+    y0, x0 = min(int(round(top * sy)), reduced[0] - 1), min(int(round(left * sx)), reduced[1] - 1)
+    y1 = min(max(int(round((top + height) * sy)), y0 + 1), reduced[0])
+    x1 = min(max(int(round((left + width) * sx)), x0 + 1), reduced[1])
+    return y0, x0, y1 - y0, x1 - x0
+
+
+def decode_train(data: bytes, size: int, scale_min: float, rng: np.random.Generator,
+                 fast: bool = False) -> torch.Tensor:
+    """Decode image bytes and RandomResizedCrop them to (3, size, size) uint8.
+
+    Same crop draws as `train_transform(decode_rgb(data), ...)`; for JPEGs the crop is drawn
+    from the header's size first and the image decoded at the largest `reduce_factor` the crop
+    allows (the crop then covers the same region of the smaller image). Raises ValueError when
+    the bytes do not decode. `fast`: see `decode_rgb`.
+    """
+    dims = jpeg_size(data)
+    if dims is None:
+        return train_transform(decode_rgb(data), size, scale_min, rng)
+    box = random_resized_crop_box(dims[0], dims[1], (scale_min, 1.0), rng)
+    image = decode_rgb(data, reduce_factor(box, size), fast)
+    if image.shape[:2] != dims:
+        box = scale_box(box, dims, (image.shape[0], image.shape[1]))
     return crop_resize(image, box, size)
 
 
