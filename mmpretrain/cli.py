@@ -135,6 +135,38 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_attention(args: argparse.Namespace) -> int:
+    """Time the Triton attention kernel against SDPA backends and FlexAttention (CUDA only)."""
+    import torch
+
+    from mmpretrain.kernels.bench import bench_attention, format_table, write_json
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    try:
+        records = bench_attention(args.shapes.split(","), args.impls.split(","), dtype,
+                                  args.warmup, args.iters)
+    except (RuntimeError, ValueError) as e:
+        print(f"mmpretrain bench attention: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(records))
+    if args.json:
+        write_json(records, args.json)
+    return 0
+
+
+def _add_bench_attention_parser(bsub: argparse._SubParsersAction) -> None:
+    from mmpretrain.kernels.bench import IMPLS, SHAPES
+
+    b = bsub.add_parser("attention", help="fused Triton attention vs SDPA/Flex (ms, TFLOP/s)")
+    b.add_argument("--shapes", default=",".join(SHAPES), help=f"subset of {list(SHAPES)}")
+    b.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {list(IMPLS)}")
+    b.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--iters", type=int, default=50, help="timed runs; the median is reported")
+    b.add_argument("--json", default="", help="also write the records to this JSON file")
+    b.set_defaults(func=cmd_bench_attention)
+
+
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks on this machine")
     bsub = p.add_subparsers(dest="what", required=True)
@@ -152,6 +184,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--fast-jpeg", action="store_true", help="stream with data.fast_jpeg=true")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.set_defaults(func=cmd_bench_data)
+    _add_bench_attention_parser(bsub)
 
 
 def _add_shards_parser(sub: argparse._SubParsersAction) -> None:
@@ -231,11 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _drop_local_rank(argv: list[str]) -> list[str]:
+    """Remove `--local_rank=N` / `--local-rank N`, which the `deepspeed` launcher appends (the
+    rank is read from the LOCAL_RANK environment variable instead)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mmpretrain` console script."""
     from mmpretrain.config.load import ConfigError
     from mmpretrain.engine.errors import NonFiniteTrainingError
 
+    argv = _drop_local_rank(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command is None:  # `mmpretrain` alone: the demo
         args = build_parser().parse_args(["train", *(argv or [])])

@@ -7,11 +7,11 @@ fully masked query rows give 0):
 * ``reference``: plain PyTorch (`attention_reference`), always available; the ground truth.
 * ``sdpa``: `torch.nn.functional.scaled_dot_product_attention` (flash / cuDNN / efficient / math
   backends chosen by PyTorch).
+* ``triton``: the fused FlashAttention-2 style kernel of `kernels/attention_triton.py` (CUDA;
+  on CPU only under Triton's interpreter, ``TRITON_INTERPRET=1``). Imported lazily.
 * ``auto``: the process default set by `set_default_impl` if it names a concrete implementation,
-  otherwise by device: ``sdpa`` on CUDA, ``reference`` elsewhere (CPU, meta).
-
-The Triton kernel (``kernels/attention_triton.py``) is added by registering it in `_IMPLS` and
-choosing it in `_auto_impl` for the devices/dtypes/shapes it supports.
+  otherwise by device: ``sdpa`` on CUDA, ``reference`` elsewhere (CPU, meta). ``triton`` is
+  opt-in until its GPU parity and benchmark are recorded (docs/PERFORMANCE.md).
 """
 from __future__ import annotations
 
@@ -58,11 +58,27 @@ def _attention_sdpa(
     return out.masked_fill(~row_any, 0.0)  # (B, H, Sq, D)
 
 
+def _attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The fused Triton kernel (imported on first use); (B,H,Sq,D) -> (B,H,Sq,D)."""
+    from mmpretrain.kernels.attention_triton import attention_triton
+
+    return attention_triton(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                            scale=scale)
+
+
 # Dispatch table: name -> implementation with the signature of `attention_reference`.
-# The Triton kernel registers here as "triton" when kernels/attention_triton.py lands.
 _IMPLS: dict[str, AttentionFn] = {
     "reference": attention_reference,
     "sdpa": _attention_sdpa,
+    "triton": _attention_triton,
 }
 
 _default_impl = "auto"
@@ -94,6 +110,8 @@ def get_default_impl() -> str:
 
 def _auto_impl(q: torch.Tensor) -> str:
     """Device/dtype/shape-based choice for ``impl="auto"``."""
+    # The Triton kernel is verified only under the interpreter (fp16/fp32) so far: until its
+    # bf16 parity and speed are measured on a GPU it is opt-in (`model.attention=triton`).
     if q.device.type == "cuda":
         return "sdpa"
     return "reference"
@@ -152,6 +170,14 @@ def attention_packed(
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must have shape (B, S, 3, H, D), got {tuple(qkv.shape)}")
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, D), strided views
+    name = resolve_impl(impl, q)
+    if name == "triton":
+        # Zero-copy: the kernels read q/k/v through qkv's strides and write dqkv directly.
+        from mmpretrain.kernels.attention_triton import attention_packed_triton
+
+        _log_choice(name, q, causal)
+        return attention_packed_triton(qkv, causal=causal, key_padding_mask=key_padding_mask,
+                                       scale=scale)  # (B, S, H, D)
     out = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                    impl=impl)  # (B, H, S, D)
+                    impl=name)  # (B, H, S, D)
     return out.transpose(1, 2)  # (B, S, H, D)

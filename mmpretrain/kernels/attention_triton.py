@@ -1,0 +1,247 @@
+"""Fused FlashAttention-2 style attention in Triton: forward and backward, `autograd.Function`.
+
+Semantics are those of `kernels/reference.py` (bottom-right causal, key_padding_mask (B, Sk)
+True = attend, fully masked rows -> 0 output and 0 grads, scale defaults to D ** -0.5).
+
+* Inputs fp16 / bf16 (fp32 too, mainly for interpreter tests); fp32 accumulation; D <= 128
+  (padded inside the kernels to the next power of two); any Sq, Sk (masked ragged tails).
+* The forward saves only O and the per-row log-sum-exp (fp32, (B, H, Sq)); the backward
+  recomputes the probabilities (kernels in `triton_fwd.py` / `triton_bwd.py`).
+* Inputs are read through their strides: `attention_packed_triton` takes the (B, S, 3, H, D)
+  output of a fused QKV projection and never copies q, k or v; its backward writes dq/dk/dv
+  straight into one (B, S, 3, H, D) gradient. Outputs are allocated (B, S, H, D)-contiguous
+  and returned as (B, H, S, D) views, so the caller's transpose + reshape is free.
+* On CPU the kernels run only under Triton's interpreter (`TRITON_INTERPRET=1` set before
+  triton is imported); there bf16 `tl.dot` is wrong (Triton 3.9), fp16/fp32 are correct.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+MAX_HEAD_DIM = 128
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's CPU interpreter is on (`TRITON_INTERPRET=1`)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def supports(q: torch.Tensor) -> bool:
+    """Whether `auto` dispatch may pick this kernel for q (B, H, S, D): CUDA, fp16/bf16, D<=128."""
+    return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+            and 16 <= q.shape[-1] <= MAX_HEAD_DIM and triton_importable())
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    """Whether the `triton` package imports in this environment."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("attention expects q, k, v of shape (B, H, S, D)")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"triton attention needs q/k/v of one dtype in fp16/bf16/fp32, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"triton attention supports head dim <= {MAX_HEAD_DIM}, "
+                         f"got {q.shape[-1]}")
+    if q.device.type == "cuda":
+        return
+    if q.device.type == "cpu" and interpreter_enabled():
+        return
+    raise RuntimeError(
+        f"triton attention needs a CUDA device (got {q.device.type}); on CPU it only runs "
+        "under Triton's interpreter: set TRITON_INTERPRET=1 before importing triton, or use "
+        "model.attention=auto|sdpa|reference")
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Tile sizes and launch options of one kernel."""
+
+    m: int
+    n: int
+    warps: int = 4
+    stages: int = 2
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(4, (x - 1).bit_length())  # at least 16 (tl.dot minimum)
+
+
+def _fwd_blocks(sq: int, block_d: int) -> _Blocks:
+    """Forward tiles: a heuristic for short (ViT/text) sequences; untuned on GPU so far."""
+    if interpreter_enabled():
+        return _Blocks(32, 32)
+    m = 64 if sq <= 64 else 128
+    if block_d <= 64:
+        return _Blocks(m, 64, warps=4, stages=3)
+    return _Blocks(m, 64 if m == 64 else 32, warps=8 if m == 128 else 4, stages=2)
+
+
+def _bwd_blocks(block_d: int) -> tuple[_Blocks, _Blocks]:
+    """(dK/dV tiles: n = key block, m = inner query block; dQ tiles: m = query block, n = inner)."""
+    if interpreter_enabled():
+        return _Blocks(32, 32), _Blocks(32, 32)
+    if block_d <= 64:
+        return _Blocks(32, 128, warps=4, stages=2), _Blocks(128, 32, warps=4, stages=2)
+    return _Blocks(32, 64, warps=4, stages=2), _Blocks(64, 32, warps=4, stages=2)
+
+
+def _mask_arg(key_padding_mask: torch.Tensor | None, q: torch.Tensor,
+              sk: int) -> torch.Tensor | None:
+    """The key-padding mask as a uint8 (B, Sk) tensor the kernels can read (None: no mask)."""
+    if key_padding_mask is None:
+        return None
+    if key_padding_mask.shape != (q.shape[0], sk):
+        raise ValueError(f"key_padding_mask must have shape (B, Sk) = {(q.shape[0], sk)}, "
+                         f"got {tuple(key_padding_mask.shape)}")
+    return key_padding_mask.to(device=q.device, dtype=torch.bool).contiguous().view(torch.uint8)
+
+
+def _mask_launch_args(kpm: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
+    """(pointer, stride_b, stride_n) for the kernels; a never-read dummy pointer if no mask."""
+    return (dummy, 0, 0) if kpm is None else (kpm, kpm.stride(0), kpm.stride(1))
+
+
+def _empty_bhsd(batch: int, heads: int, seq: int, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """A (B, H, S, D) view of a fresh (B, S, H, D)-contiguous buffer."""
+    return torch.empty(batch, seq, heads, dim, dtype=like.dtype,
+                       device=like.device).transpose(1, 2)
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None,
+             causal: bool,
+             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. q (B,H,Sq,D), k/v (B,H,Sk,D) -> O (B,H,Sq,D), LSE (B,H,Sq)."""
+    from mmpretrain.kernels.triton_fwd import _attn_fwd
+
+    batch, heads, sq, dim = q.shape
+    sk = k.shape[2]
+    o = _empty_bhsd(batch, heads, sq, dim, q)  # (B, H, Sq, D)
+    lse = torch.empty(batch, heads, sq, dtype=torch.float32, device=q.device)  # (B, H, Sq)
+    block_d = _next_pow2(dim)
+    cfg = _fwd_blocks(sq, block_d)
+    grid = ((sq + cfg.m - 1) // cfg.m, batch * heads)
+    mask_t, smb, smn = _mask_launch_args(kpm, lse)
+    _attn_fwd[grid](
+        q, k, v, o, lse, mask_t, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smn,
+        scale, heads, sq, sk, HEAD_D=dim, BLOCK_M=cfg.m, BLOCK_N=cfg.n, BLOCK_D=block_d,
+        CAUSAL=causal, HAS_KPM=kpm is not None, num_warps=cfg.warps, num_stages=cfg.stages)
+    return o, lse
+
+
+def _backward(saved: tuple, do: torch.Tensor, grads: tuple, kpm: torch.Tensor | None,
+              causal: bool, scale: float) -> None:
+    """Launch the three backward kernels, writing into grads = (dq, dk, dv) (any strides)."""
+    from mmpretrain.kernels.triton_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+
+    q, k, v, o, lse = saved
+    dq, dk, dv = grads
+    batch, heads, sq, dim = q.shape
+    sk = k.shape[2]
+    block_d = _next_pow2(dim)
+    kv_cfg, q_cfg = _bwd_blocks(block_d)
+    delta = torch.empty_like(lse)  # (B, H, Sq) fp32
+    _attn_bwd_preprocess[((sq + q_cfg.m - 1) // q_cfg.m, batch * heads)](
+        o, do, delta, *o.stride(), *do.stride(), heads, sq,
+        HEAD_D=dim, BLOCK_M=q_cfg.m, BLOCK_D=block_d)
+    mask_t, smb, smn = _mask_launch_args(kpm, lse)
+    common = dict(HEAD_D=dim, BLOCK_D=block_d, CAUSAL=causal, HAS_KPM=kpm is not None)
+    _attn_bwd_dkdv[((sk + kv_cfg.n - 1) // kv_cfg.n, batch * heads)](
+        q, k, v, do, dk, dv, lse, delta, mask_t, *q.stride(), *k.stride(), *v.stride(),
+        *do.stride(), *dk.stride(), *dv.stride(), smb, smn, scale, heads, sq, sk,
+        BLOCK_M=kv_cfg.m, BLOCK_N=kv_cfg.n, num_warps=kv_cfg.warps, num_stages=kv_cfg.stages,
+        **common)
+    _attn_bwd_dq[((sq + q_cfg.m - 1) // q_cfg.m, batch * heads)](
+        q, k, v, do, dq, lse, delta, mask_t, *q.stride(), *k.stride(), *v.stride(),
+        *do.stride(), *dq.stride(), smb, smn, scale, heads, sq, sk,
+        BLOCK_M=q_cfg.m, BLOCK_N=q_cfg.n, num_warps=q_cfg.warps, num_stages=q_cfg.stages,
+        **common)
+
+
+class _TritonAttention(torch.autograd.Function):
+    """Fused attention on separate (possibly strided) q (B,H,Sq,D), k/v (B,H,Sk,D)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, causal, scale):  # type: ignore[override]
+        kpm = _mask_arg(key_padding_mask, q, k.shape[2])
+        o, lse = _forward(q, k, v, kpm, causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse, kpm)
+        ctx.causal, ctx.scale = causal, scale
+        return o  # (B, H, Sq, D)
+
+    @staticmethod
+    def backward(ctx, do):  # type: ignore[override]
+        q, k, v, o, lse, kpm = ctx.saved_tensors
+        grads = (_empty_bhsd(*q.shape, q), _empty_bhsd(*k.shape, k), _empty_bhsd(*v.shape, v))
+        _backward((q, k, v, o, lse), do, grads, kpm, ctx.causal, ctx.scale)
+        return (*grads, None, None, None)
+
+
+class _TritonPackedAttention(torch.autograd.Function):
+    """Fused self-attention reading q/k/v as strided views of qkv (B, S, 3, H, D)."""
+
+    @staticmethod
+    def forward(ctx, qkv, key_padding_mask, causal, scale):  # type: ignore[override]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, D) views, no copy
+        kpm = _mask_arg(key_padding_mask, q, k.shape[2])
+        o, lse = _forward(q, k, v, kpm, causal, scale)
+        ctx.save_for_backward(qkv, o, lse, kpm)
+        ctx.causal, ctx.scale = causal, scale
+        return o  # (B, H, S, D) view of a (B, S, H, D)-contiguous buffer
+
+    @staticmethod
+    def backward(ctx, do):  # type: ignore[override]
+        qkv, o, lse, kpm = ctx.saved_tensors
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, D)
+        dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)  # (B, S, 3, H, D)
+        grads = dqkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, D) views of dqkv
+        _backward((q, k, v, o, lse), do, grads, kpm, ctx.causal, ctx.scale)
+        return dqkv, None, None, None
+
+
+def attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Fused attention. q: (B, H, Sq, D), k/v: (B, H, Sk, D) -> (B, H, Sq, D) in q's dtype."""
+    _check_inputs(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _TritonAttention.apply(q, k, v, key_padding_mask, bool(causal), scale)
+
+
+def attention_packed_triton(
+    qkv: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Fused self-attention on qkv (B, S, 3, H, D) -> (B, S, H, D) (contiguous), no copies."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape (B, S, 3, H, D), got {tuple(qkv.shape)}")
+    q = qkv[:, :, 0].transpose(1, 2)  # (B, H, S, D) view, for the checks
+    _check_inputs(q, q, q)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out = _TritonPackedAttention.apply(qkv, key_padding_mask, bool(causal), scale)
+    return out.transpose(1, 2)  # (B, S, H, D)

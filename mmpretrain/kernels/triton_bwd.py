@@ -1,0 +1,159 @@
+"""Backward Triton kernels of the fused attention (FlashAttention-2 style, atomic-free).
+
+Private to `kernels/attention_triton.py`. Three kernels:
+
+* `_attn_bwd_preprocess`: delta = rowsum(dO * O), (B, H, Sq) fp32.
+* `_attn_bwd_dkdv`: one program per key block, iterating over query blocks; recomputes
+  P = exp(S - LSE) from the forward's LSE and accumulates dK and dV in fp32 registers.
+* `_attn_bwd_dq`: one program per query block, iterating over key blocks, accumulating dQ.
+
+With dS = P * (dP - delta) and dP = dO V^T: dV = P^T dO, dK = scale * dS^T Q, dQ = scale * dS K.
+Strides and masking follow `triton_fwd.py` (fully masked rows have P = 0, hence zero grads).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from mmpretrain.kernels.triton_fwd import LOG2E, _keep_mask
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, DELTA,
+    sob, soh, sos, sod,
+    sdob, sdoh, sdos, sdod,
+    H, SEQ_Q,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d]. Grid: (cdiv(Sq, BM), B * H)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
+    h = pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BD,)
+    mask = (rows[:, None] < SEQ_Q) & (offs_d[None, :] < HEAD_D)  # (BM, BD)
+    o = tl.load(O + b * sob + h * soh + rows[:, None] * sos + offs_d[None, :] * sod,
+                mask=mask, other=0.0).to(tl.float32)  # (BM, BD)
+    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdos + offs_d[None, :] * sdod,
+                 mask=mask, other=0.0).to(tl.float32)  # (BM, BD)
+    tl.store(DELTA + pid_bh * SEQ_Q + rows, tl.sum(o * do, 1), mask=rows < SEQ_Q)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sdob, sdoh, sdos, sdod,
+    sdkb, sdkh, sdks, sdkd,
+    sdvb, sdvh, sdvs, sdvd,
+    smb, smn,
+    sm_scale, H, SEQ_Q, SEQ_K,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+):
+    """dK, dV for one key block of one (batch, head). Grid: (cdiv(Sk, BLOCK_N), B * H).
+
+    (Longer than 60 lines: the loads/stores of a Triton kernel do not factor out cheaply.)
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
+    h = pid_bh % H
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    offs_m = tl.arange(0, BLOCK_M)  # (BM,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BD,)
+    d_ok = offs_d < HEAD_D
+    kv_mask = (cols[:, None] < SEQ_K) & d_ok[None, :]  # (BN, BD)
+    k = tl.load(K + b * skb + h * skh + cols[:, None] * sks + offs_d[None, :] * skd,
+                mask=kv_mask, other=0.0)  # (BN, BD)
+    v = tl.load(V + b * svb + h * svh + cols[:, None] * svs + offs_d[None, :] * svd,
+                mask=kv_mask, other=0.0)  # (BN, BD)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    qk_scale = sm_scale * LOG2E
+    lo = 0
+    if CAUSAL:
+        # Query rows before the first one that sees this key block contribute nothing.
+        lo = tl.maximum(0, pid_n * BLOCK_N - (SEQ_K - SEQ_Q))
+        lo = (lo // BLOCK_M) * BLOCK_M
+    for start_m in range(lo, SEQ_Q, BLOCK_M):
+        rows = start_m + offs_m  # (BM,)
+        q_mask = (rows[:, None] < SEQ_Q) & d_ok[None, :]  # (BM, BD)
+        q = tl.load(q_base + rows[:, None] * sqs + offs_d[None, :] * sqd,
+                    mask=q_mask, other=0.0)  # (BM, BD)
+        do = tl.load(do_base + rows[:, None] * sdos + offs_d[None, :] * sdod,
+                     mask=q_mask, other=0.0)  # (BM, BD)
+        lse = tl.load(LSE + pid_bh * SEQ_Q + rows, mask=rows < SEQ_Q, other=0.0)  # (BM,)
+        delta = tl.load(DELTA + pid_bh * SEQ_Q + rows, mask=rows < SEQ_Q, other=0.0)
+        keep = _keep_mask(rows, cols, b, KPM, smb, smn, SEQ_Q, SEQ_K, CAUSAL, HAS_KPM)
+        s = tl.dot(q, tl.trans(k)) * qk_scale - (lse * LOG2E)[:, None]  # (BM, BN)
+        p = tl.exp2(tl.where(keep, s, float("-inf")))  # (BM, BN)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)  # (BN, BD)
+        dp = tl.dot(do, tl.trans(v))  # (BM, BN)
+        ds = p * (dp - delta[:, None])  # (BM, BN)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)  # (BN, BD)
+    dk = dk * sm_scale
+    tl.store(DK + b * sdkb + h * sdkh + cols[:, None] * sdks + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * sdvb + h * sdvh + cols[:, None] * sdvs + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, DQ, LSE, DELTA, KPM,
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sdob, sdoh, sdos, sdod,
+    sdqb, sdqh, sdqs, sdqd,
+    smb, smn,
+    sm_scale, H, SEQ_Q, SEQ_K,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+):
+    """dQ for one query block of one (batch, head). Grid: (cdiv(Sq, BLOCK_M), B * H)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
+    h = pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    offs_n = tl.arange(0, BLOCK_N)  # (BN,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BD,)
+    d_ok = offs_d < HEAD_D
+    q_mask = (rows[:, None] < SEQ_Q) & d_ok[None, :]  # (BM, BD)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + offs_d[None, :] * sqd,
+                mask=q_mask, other=0.0)  # (BM, BD)
+    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdos + offs_d[None, :] * sdod,
+                 mask=q_mask, other=0.0)  # (BM, BD)
+    lse = tl.load(LSE + pid_bh * SEQ_Q + rows, mask=rows < SEQ_Q, other=0.0)  # (BM,)
+    delta = tl.load(DELTA + pid_bh * SEQ_Q + rows, mask=rows < SEQ_Q, other=0.0)  # (BM,)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    qk_scale = sm_scale * LOG2E
+    hi = SEQ_K
+    if CAUSAL:
+        hi = tl.minimum(SEQ_K, (pid_m + 1) * BLOCK_M + (SEQ_K - SEQ_Q))
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n  # (BN,)
+        kv_mask = (cols[:, None] < SEQ_K) & d_ok[None, :]  # (BN, BD)
+        k = tl.load(k_base + cols[:, None] * sks + offs_d[None, :] * skd,
+                    mask=kv_mask, other=0.0)  # (BN, BD)
+        v = tl.load(v_base + cols[:, None] * svs + offs_d[None, :] * svd,
+                    mask=kv_mask, other=0.0)  # (BN, BD)
+        keep = _keep_mask(rows, cols, b, KPM, smb, smn, SEQ_Q, SEQ_K, CAUSAL, HAS_KPM)
+        s = tl.dot(q, tl.trans(k)) * qk_scale - (lse * LOG2E)[:, None]  # (BM, BN)
+        p = tl.exp2(tl.where(keep, s, float("-inf")))  # (BM, BN)
+        dp = tl.dot(do, tl.trans(v))  # (BM, BN)
+        ds = p * (dp - delta[:, None])  # (BM, BN)
+        dq = tl.dot(ds.to(k.dtype), k, dq)  # (BM, BD)
+    dq = dq * sm_scale
+    tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqs + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=q_mask)

@@ -1,0 +1,127 @@
+"""Parity of the Triton attention kernels against the float64 reference, on CPU via Triton's
+interpreter. TRITON_INTERPRET must be set before triton is imported, hence a separate script:
+
+    TRITON_INTERPRET=1 python tests/triton_checks.py DTYPE [--json]   # DTYPE: float32 | float16
+
+For every case it compares the output and dq/dk/dv with `attention_reference` on .double()
+inputs; error = max|x - ref| / max(max|ref|, 0.01). Prints one line per case and a final JSON line
+{"dtype": ..., "max_err": {...}, "cases": N}; exits 1 if any error exceeds TOLERANCE[dtype], a
+fully masked row is not exactly 0, or anything is non-finite.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import zlib
+
+import torch
+
+from mmpretrain.kernels import attention, attention_packed
+from mmpretrain.kernels.reference import attention_reference
+
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2}  # relative to max |reference| per tensor
+
+# (name, B, H, Sq, Sk, D, causal, mask): mask None | "pad" (~30% random padding, key 0 always
+# kept) | "empty" ("pad", and batch 0 has every key padded: fully masked rows).
+CASES = [
+    ("s1", 1, 2, 1, 1, 32, False, None),
+    ("s17_causal", 2, 2, 17, 17, 64, True, None),
+    ("s77_pad_empty_d80", 2, 2, 77, 77, 80, False, "empty"),
+    ("s130_causal_pad_d128", 1, 2, 130, 130, 128, True, "pad"),
+    ("cross_17x77_pad", 2, 2, 17, 77, 64, False, "pad"),
+    ("cross_77x17_causal_emptyrows", 1, 2, 77, 17, 32, True, None),
+    ("cross_40x130_causal_d80", 1, 2, 40, 130, 80, True, "pad"),
+]
+PACKED_CASES = [
+    ("packed_s77_causal_pad", 2, 2, 77, 77, 64, True, "empty"),
+    ("packed_s130_d80", 1, 2, 130, 130, 80, False, None),
+]
+
+
+def _mask(kind: str | None, batch: int, sk: int, gen: torch.Generator) -> torch.Tensor | None:
+    if kind is None:
+        return None
+    keep = torch.rand(batch, sk, generator=gen) > 0.3  # (B, Sk)
+    keep[:, 0] = True
+    if kind == "empty":
+        keep[0] = False  # every query of batch 0 is fully masked
+    return keep
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x = x.double()
+    if not torch.isfinite(x).all():
+        return float("inf")
+    # The floor keeps exactly-zero gradients (e.g. dq, dk with a single key) from dividing
+    # rounding noise by ~1e-17; every other tensor here has max |ref| well above it.
+    return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-2)).item()
+
+
+def _reference(q, k, v, do, causal, kpm):
+    """Output and grads of the float64 reference; q/k/v (B,H,S,D) of any dtype."""
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = attention_reference(qd, kd, vd, causal=causal, key_padding_mask=kpm)
+    out.backward(do.double())
+    return out.detach(), qd.grad, kd.grad, vd.grad
+
+
+def check_case(case: tuple, dtype: torch.dtype, packed: bool) -> dict[str, float]:
+    """Run one case; returns {tensor: relative error} and asserts masked rows are exactly 0."""
+    name, batch, heads, sq, sk, dim, causal, mask_kind = case
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    kpm = _mask(mask_kind, batch, sk, gen)
+    if packed:
+        qkv = torch.randn(batch, sq, 3, heads, dim, generator=gen).to(dtype).requires_grad_()
+        out = attention_packed(qkv, causal=causal, key_padding_mask=kpm,
+                               impl="triton")  # (B, S, H, D)
+        assert out.is_contiguous(), "packed output should be (B, S, H, D)-contiguous"
+        do = torch.randn(out.shape, generator=gen).to(dtype)  # (B, S, H, D)
+        out.backward(do)
+        q, k, v = qkv.detach().permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, D)
+        out, do = out.transpose(1, 2), do.transpose(1, 2)  # (B, H, S, D)
+        grads = qkv.grad.permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        # (B, S, H, D) buffers viewed as (B, H, S, D): the kernels must honour the strides.
+        q, k, v = (torch.randn(batch, s, heads, dim, generator=gen).to(dtype).transpose(1, 2)
+                   .requires_grad_() for s in (sq, sk, sk))
+        out = attention(q, k, v, causal=causal, key_padding_mask=kpm, impl="triton")
+        do = torch.randn(out.shape, generator=gen).to(dtype)  # (B, H, Sq, D)
+        out.backward(do)
+        grads = (q.grad, k.grad, v.grad)
+    ref = _reference(q, k, v, do, causal, kpm)
+    errs = {key: _rel_err(x, r) for key, x, r in zip(("out", "dq", "dk", "dv"),
+                                                      (out, *grads), ref)}
+    empty_rows = ref[0].abs().amax(dim=-1) == 0  # (B, H, Sq): rows the reference zeroes
+    if empty_rows.any():
+        assert (out.detach()[empty_rows] == 0).all(), f"{name}: fully masked rows not 0"
+        assert (grads[0][empty_rows] == 0).all(), f"{name}: dq of fully masked rows not 0"
+    return errs
+
+
+def main(argv: list[str]) -> int:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    dtype_name = argv[0]
+    dtype, tol = getattr(torch, dtype_name), TOLERANCE[dtype_name]
+    worst: dict[str, float] = {}
+    failed = []
+    for packed, cases in ((False, CASES), (True, PACKED_CASES)):
+        for case in cases:
+            start = time.perf_counter()
+            errs = check_case(case, dtype, packed)
+            for key, err in errs.items():
+                worst[key] = max(worst.get(key, 0.0), err)
+            bad = [k for k, e in errs.items() if not e <= tol]
+            failed += [f"{case[0]}:{k}={errs[k]:.2e}" for k in bad]
+            print(f"{case[0]:32s} {dtype_name} "
+                  + " ".join(f"{k}={e:.1e}" for k, e in errs.items())
+                  + f" {time.perf_counter() - start:.1f}s" + (" FAIL" if bad else ""),
+                  flush=True)
+    print(json.dumps({"dtype": dtype_name, "max_err": worst, "tolerance": tol,
+                      "cases": len(CASES) + len(PACKED_CASES), "failed": failed}))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
