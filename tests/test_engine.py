@@ -56,15 +56,16 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("saved_world, resumed_world", [(2, 1), (1, 2)])
-def test_resume_on_another_world_size(tmp_path: Path, saved_world: int,
+@pytest.mark.parametrize("stage, saved_world, resumed_world",
+                         [(1, 2, 1), (2, 1, 2), (3, 2, 1), (3, 1, 2)])
+def test_resume_on_another_world_size(tmp_path: Path, stage: int, saved_world: int,
                                       resumed_world: int) -> None:
-    """ZeRO-2 checkpoint of N ranks resumed on M: converted to DeepSpeed's universal format
+    """A ZeRO checkpoint of N ranks resumed on M: converted to DeepSpeed's universal format
     automatically; fp32 weights and Adam moments equal the checkpoint's consolidated state."""
-    run_train([f"output_dir={tmp_path}", "name=run", "engine.zero_stage=2", "optim.steps=8",
-               "optim.stop_after=4", "checkpoint.every=4", "logging.wandb_mode=disabled",
-               "data.batch_size=8"], nproc=saved_world)
-    r = _check("universal", tmp_path, "2", "run", nproc=resumed_world)
+    run_train([f"output_dir={tmp_path}", "name=run", f"engine.zero_stage={stage}",
+               "optim.steps=8", "optim.stop_after=4", "checkpoint.every=4",
+               "logging.wandb_mode=disabled", "data.batch_size=8"], nproc=saved_world)
+    r = _check("universal", tmp_path, str(stage), "run", nproc=resumed_world)
     assert r["loaded"] and r["world"] == resumed_world
     assert r["max_weight_diff"] == 0.0 and r["max_exp_avg_diff"] == 0.0, r
     assert r["params_with_moments"] == r["n_params"] > 100  # moments continue, not zeros

@@ -65,6 +65,22 @@ def _resume_and_compare(tmp_path: Path, name: str, reference: dict[int, float],
     assert trace == reference  # every step, including those after the resume point
 
 
+@pytest.mark.parametrize("stage", [1, 3])
+def test_kill_9_other_zero_stages(tmp_path: Path, stage: int) -> None:
+    """The same kill -9 / resume check under ZeRO-1 and ZeRO-3 (own reference run)."""
+    extra = [f"engine.zero_stage={stage}", "optim.steps=8", "checkpoint.every=3"]
+    run_train([*_args(tmp_path, "ref"), *extra], nproc=2)
+    proc = subprocess.Popen(train_cmd([*_args(tmp_path, "killed"), *extra], nproc=2),
+                            cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(tmp_path / "killed", 5, proc)
+    os.kill(_children(proc.pid)[-1], signal.SIGKILL)
+    assert proc.wait(timeout=300) != 0
+    out = run_train([*_args(tmp_path, "killed"), *extra], nproc=2)
+    assert "step_00000003 at step 3" in out.stdout, out.stdout[-3000:]
+    assert losses(tmp_path / "killed") == losses(tmp_path / "ref")
+
+
 def test_kill_9_one_rank_then_resume_exactly(tmp_path: Path, reference: dict) -> None:
     proc = _start(tmp_path, "killed")
     _wait_for_step(tmp_path / "killed", 6, proc)
