@@ -15,7 +15,7 @@ import torch.distributed as dist
 from mmpretrain.checkpoint.manager import CheckpointManager
 from mmpretrain.config.load import config_hash, to_dict, to_yaml
 from mmpretrain.config.schema import ExperimentConfig
-from mmpretrain.engine.dist import init_distributed
+from mmpretrain.engine.dist import detect_env, init_distributed
 from mmpretrain.engine.ds_config import build_ds_config, resolve_precision
 from mmpretrain.engine.errors import NonFiniteTrainingError
 from mmpretrain.engine.optim import build_optimizer, build_scheduler
@@ -41,9 +41,9 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
+        setup_logging(detect_env().rank)  # first, so init's "N rank(s) via LAUNCHER" line shows
         self.denv, self.device = init_distributed(cfg.engine.device, cfg.engine.backend)
         self.rank, self.world = self.denv.rank, self.denv.world_size
-        setup_logging(self.rank)
         self.run_dir = Path(cfg.output_dir) / cfg.name
         self.precision = resolve_precision(cfg.engine.precision, self.device)
         self.step = 0
