@@ -14,6 +14,9 @@
 #   NODE_RANK    this node's index (NO_SSH only)
 #   MASTER_ADDR  address of node 0 (NO_SSH, or to override what ssh would find)
 #   MASTER_PORT  default 29500
+#   SSH_PORT     sshd port on the nodes (ssh/pdsh mode; default 22)
+#   NO_SSH_CHECK=1  skip DeepSpeed's password-less ssh probe (e.g. when the key is given only
+#                through PDSH_SSH_ARGS_APPEND="-i KEY ...", which pdsh adds to every ssh call)
 #   DEEPSPEED    the launcher command (default: `python3 -m deepspeed.launcher.runner`
 #                with $PYTHON, so it runs in the same environment)
 #
@@ -33,6 +36,8 @@ else
   args+=(--hostfile /dev/null/none)  # never pick up /job/hostfile by accident
 fi
 [[ -n "${MASTER_ADDR:-}" ]] && args+=(--master_addr "$MASTER_ADDR")
+[[ -n "${SSH_PORT:-}" ]] && args+=(--ssh_port "$SSH_PORT")
+[[ "${NO_SSH_CHECK:-0}" == 1 ]] && args+=(--no_ssh_check)
 if [[ "${NO_SSH:-0}" == 1 ]]; then
   : "${NODE_RANK:?NO_SSH=1 needs NODE_RANK}" "${MASTER_ADDR:?NO_SSH=1 needs MASTER_ADDR}"
   [[ -n "${HOSTFILE:-}" ]] || { echo "deepspeed.sh: NO_SSH=1 needs HOSTFILE" >&2; exit 2; }

@@ -1,11 +1,14 @@
 """Every launcher script starts a real 2-rank CPU run: the deepspeed launcher (one node, and two
-"nodes" on localhost without ssh), torchrun with two "nodes" (static and c10d rendezvous) and
+"nodes" on localhost through pdsh + a real sshd, and without ssh), torchrun with two "nodes" (static and c10d rendezvous) and
 `accelerate launch`. Plus unit tests of the hostfile helpers the Slurm template uses."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -129,6 +132,60 @@ def test_deepspeed_launcher_two_nodes_without_ssh(tmp_path: Path) -> None:
                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
             for rank in (0, 1)]
     _check_run(tmp_path / "dsn", _run_nodes(cmds)[0].stdout, "deepspeed/env")
+
+
+@pytest.fixture
+def sshd(tmp_path: Path):
+    """A real sshd on 127.0.0.1 that accepts a throw-away key for root; stopped afterwards."""
+    missing = [b for b in ("/usr/sbin/sshd", "ssh-keygen", "pdsh")
+               if not (Path(b).exists() if b.startswith("/") else shutil.which(b))]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (.ci/run installs openssh-server pdsh)")
+    if os.geteuid() != 0:
+        pytest.skip("the test sshd logs in as root, so the test must run as root")
+    d = tmp_path / "ssh"
+    d.mkdir(mode=0o700)
+    for name in ("key", "hostkey"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)],
+                       check=True)
+    shutil.copy(d / "key.pub", d / "authorized_keys")
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'hostkey'}\n"
+        f"PidFile {d / 'sshd.pid'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        "PasswordAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\n"
+        "UsePAM no\n")
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    subprocess.run(["/usr/sbin/sshd", "-f", str(d / "sshd_config"), "-E", str(d / "log")],
+                   check=True)
+    for _ in range(50):
+        if (d / "sshd.pid").is_file():
+            break
+        time.sleep(0.1)
+    ssh_args = (f"-i {d / 'key'} -p {port} -o StrictHostKeyChecking=no "
+                "-o UserKnownHostsFile=/dev/null -o BatchMode=yes")
+    try:
+        yield {"port": str(port), "args": ssh_args}
+    finally:
+        pid = (d / "sshd.pid").read_text().strip() if (d / "sshd.pid").is_file() else ""
+        if pid:
+            os.kill(int(pid), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_two_nodes_over_ssh(tmp_path: Path, sshd: dict) -> None:
+    """The hostfile mode: DeepSpeed's runner reaches both "nodes" with pdsh over ssh."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    env = _env(HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               SSH_PORT=sshd["port"], NO_SSH_CHECK="1", PDSH_RCMD_TYPE="ssh",
+               PDSH_SSH_ARGS_APPEND=sshd["args"])
+    out = _run_nodes([(["bash", "launch/deepspeed.sh", *_args(tmp_path, "dss")], env)])
+    assert "pdsh -S" in out[0].stdout, out[0].stdout[-3000:]
+    # pdsh prefixes every line with its host
+    lines = [ln.split(": ", 1)[1] if ln.startswith(("localhost: ", "127.0.0.1: ")) else ln
+             for ln in out[0].stdout.splitlines()]
+    _check_run(tmp_path / "dss", "\n".join(lines), "deepspeed/env")
 
 
 @pytest.mark.slow
