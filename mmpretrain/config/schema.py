@@ -117,6 +117,32 @@ class TextConfig:
 
 
 @dataclass
+class FusionConfig:
+    """The multimodal part: a CoCa captioning decoder and/or a fusion head over the embeddings."""
+
+    decoder: bool = False
+    """Add a CoCa-style multimodal text decoder: its blocks take the text tower's token outputs
+    through causal self-attention, cross-attention to the image tower's token outputs and an
+    MLP, and predict the next caption token (trained with `loss.caption_weight`)."""
+    width: int = 0
+    """Decoder width (0: the text tower's width)."""
+    layers: int = 4
+    """Number of decoder blocks."""
+    heads: int = 4
+    """Attention heads of the decoder's self- and cross-attention (and of the pooler)."""
+    mlp_ratio: float = 4.0
+    """Decoder MLP hidden size as a multiple of its width."""
+    pool_queries: int = 0
+    """Attentional pooler: the image tokens are pooled to this many learned queries before the
+    decoder attends to them (CoCa uses 256); 0: the decoder attends to every image token."""
+    head: Literal["none", "concat", "weighted_sum", "gated"] = "none"
+    """Fusion head for downstream use, combining the two L2-normalized embeddings of a pair
+    (`model.fuse(images, tokens)`): `concat` (2 x embed_dim, no parameters), `weighted_sum`
+    (one learned mixing weight), `gated` (a per-dimension gate computed from both embeddings).
+    Not trained by the pretraining losses; fine-tune it downstream."""
+
+
+@dataclass
 class ModelConfig:
     """The two-tower model. `size` fills every field below that the config does not set."""
 
@@ -129,6 +155,8 @@ class ModelConfig:
     """Image tower."""
     text: TextConfig = field(default_factory=TextConfig)
     """Text tower."""
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    """Multimodal decoder (CoCa) and fusion head; off by default (a two-tower model)."""
     init_logit_scale: float = 2.6592600369262695
     """Initial log of the logit scale (CLIP: log(1/0.07); SigLIP: log(10))."""
     init_logit_bias: float = -10.0
@@ -153,6 +181,10 @@ class LossConfig:
     """Let gradients flow through the cross-rank feature gather (exact gradients)."""
     local_loss: bool = False
     """Each rank computes only its own rows of the global logit matrix (less memory)."""
+    contrastive_weight: float = 1.0
+    """Weight of the contrastive loss in the total loss (CoCa: 1)."""
+    caption_weight: float = 2.0
+    """Weight of the next-token captioning loss (only with `model.fusion.decoder`; CoCa: 2)."""
 
 
 @dataclass
@@ -235,11 +267,25 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation during and after training."""
+    """Evaluation during and after training (`mmpretrain eval` runs the same on a checkpoint)."""
 
-    zeroshot: Literal["auto", "digits", "none"] = "auto"
-    """Zero-shot classification set: `digits` (the demo's held-out digits), `none`, or `auto`
-    (digits when data.source is demo, else none)."""
+    zeroshot: str = "auto"
+    """Zero-shot classification: `digits` (the demo's held-out digits), `none`, `auto` (digits
+    when data.source is demo, else none), or the path of a JSON/YAML file with `classnames`
+    (list) and `templates` (list of prompts with one `{}`), scored on `zeroshot_shards`."""
+    zeroshot_shards: str = ""
+    """Labelled shards for a zero-shot classes file: each sample's json `label` is the index
+    of its class in `classnames` (or its name). Empty: `data.val_shards`."""
+    retrieval: bool = True
+    """Image->text and text->image recall@1/5/10 on the held-out shards (`data.val_shards`, or
+    the demo's held-out digits); several captions per image come from the json `captions`
+    list. Skipped when there are no held-out shards."""
+    caption_samples: int = 100
+    """Fusion models: greedy captions are generated for this many held-out images (per run,
+    spread over the ranks); with class names known (zero-shot set), the fraction of captions
+    naming the right class and no other is reported. 0: no caption evaluation."""
+    batch_size: int = 0
+    """Evaluation batch size per rank (0: `data.batch_size`)."""
     every: int = 0
     """Evaluate every this many steps (0: only at the end)."""
     at_end: bool = True
