@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from helpers import losses, run_train
+from mmpretrain.config.load import load_config
+from mmpretrain.logging.flops import train_flops_per_sample
 from mmpretrain.logging.metrics import read_jsonl
 
 
@@ -25,8 +27,13 @@ def test_single_process_loss_decreases(tmp_path: Path) -> None:
     first, last = sum(trace[s] for s in (1, 2, 3)) / 3, sum(trace[s] for s in (18, 19, 20)) / 3
     assert last < 0.8 * first, trace
     records = read_jsonl(run_dir / "metrics.jsonl")
-    for key in ("lr", "grad_norm", "samples_per_s", "data_wait_frac", "peak_mem_gb"):
+    for key in ("lr", "grad_norm", "samples_per_s", "data_wait_frac", "peak_mem_gb",
+                "tflops_per_s"):
         assert key in records[-1], key
+    flops = train_flops_per_sample(load_config(run_dir / "config.yaml").model)
+    assert records[-1]["tflops_per_s"] > 0
+    assert records[-1]["tflops_per_s"] == pytest.approx(
+        flops * records[-1]["samples_per_s"] / 1e12)  # one rank
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "step_00000020" / "meta.json").is_file()  # save_final
 
@@ -37,7 +44,10 @@ def test_single_process_loss_decreases(tmp_path: Path) -> None:
     ["engine.zero_stage=2"],
     ["engine.zero_stage=3"],
     ["engine.zero_stage=2", "engine.offload_optimizer=true", "model.activation_checkpointing=true"],
-], ids=["zero1", "zero2", "zero3", "zero2-offload-actckpt"])
+    # CoCa: caption decoder with a pooler, accumulation, and a fusion head that no loss trains
+    ["engine.zero_stage=2", "model.size=coca_tiny", "model.fusion.pool_queries=4",
+     "model.fusion.head=gated", "engine.grad_accum=2"],
+], ids=["zero1", "zero2", "zero3", "zero2-offload-actckpt", "zero2-coca-accum"])
 def test_two_rank_resume_is_exact(tmp_path: Path, engine: list[str]) -> None:
     """2 ranks: stop at step 10, resume, and steps 11-20 equal an uninterrupted run."""
     base = ["optim.steps=20", "checkpoint.every=10", "data.batch_size=16", *engine]

@@ -6,14 +6,17 @@ from torch import nn
 from mmpretrain.config.schema import ModelConfig
 from mmpretrain.kernels import set_default_impl
 from mmpretrain.model.clip import CLIP
+from mmpretrain.model.coca import CoCa
 from mmpretrain.model.text import TextTransformer
 from mmpretrain.model.vision import VisionTransformer
 
-__all__ = ["CLIP", "TextTransformer", "VisionTransformer", "build_model", "count_parameters"]
+__all__ = ["CLIP", "CoCa", "TextTransformer", "VisionTransformer", "build_model",
+           "count_parameters"]
 
 
 def build_model(cfg: ModelConfig, loss_kind: str = "clip") -> CLIP:
-    """Build the two-tower model; a learned logit bias is added for ``loss_kind == "siglip"``.
+    """Build the two-tower model (`CoCa` with `model.fusion.decoder`); a learned logit bias is
+    added for ``loss_kind == "siglip"``.
 
     `cfg` is used as given: resolving `cfg.size` into the other fields is the config loader's
     job. `cfg.attention` is passed to every attention layer and also becomes the process
@@ -23,7 +26,8 @@ def build_model(cfg: ModelConfig, loss_kind: str = "clip") -> CLIP:
     if loss_kind not in ("clip", "siglip"):
         raise ValueError(f"loss.kind must be 'clip' or 'siglip', got {loss_kind!r}")
     set_default_impl(cfg.attention)
-    return CLIP(cfg, with_logit_bias=loss_kind == "siglip")
+    cls = CoCa if cfg.fusion.decoder else CLIP
+    return cls(cfg, with_logit_bias=loss_kind == "siglip")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

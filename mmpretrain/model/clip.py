@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpretrain.config.schema import ModelConfig
+from mmpretrain.model.heads import build_fusion_head
 from mmpretrain.model.text import TextTransformer
 from mmpretrain.model.vision import VisionTransformer
 
@@ -34,6 +35,7 @@ class CLIP(nn.Module):
         self.logit_bias: nn.Parameter | None = None
         if with_logit_bias:
             self.logit_bias = nn.Parameter(torch.full((1,), float(cfg.init_logit_bias)))  # (1,)
+        self.fusion_head = build_fusion_head(cfg.fusion.head, cfg.embed_dim)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """images: (B, 3, H, W) normalized floats -> (B, E), L2-normalized if `normalize`."""
@@ -51,12 +53,22 @@ class CLIP(nn.Module):
         bias = self.logit_bias.squeeze(0) if self.logit_bias is not None else None  # ()
         return scale, bias
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def fuse(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """One embedding per (image, caption) pair from the configured fusion head.
+
+        images (B, 3, H, W), tokens (B, S) -> (B, E), or (B, 2E) for `concat`."""
+        if self.fusion_head is None:
+            raise ValueError("model.fusion.head is 'none': no fusion head to apply")
+        return self.fusion_head(self.encode_image(images), self.encode_text(tokens))
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor,
+                with_caption: bool = True) -> dict[str, torch.Tensor | None]:
         """images (B, 3, H, W), tokens (B, S) -> dict of losses' inputs.
 
         Returns ``image_features`` (B, E) and ``text_features`` (B, E), both L2-normalized;
         ``logit_scale``: 0-dim tensor exp(logit_scale) clamped at `max_logit_scale` (the value
         that multiplies cosine similarities); ``logit_bias``: 0-dim tensor, or None without bias.
+        `with_caption` is accepted for a uniform interface with `CoCa` (no effect here).
         """
         scale, bias = self.scale_and_bias()
         return {

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmpretrain.kernels import attention_packed
+from mmpretrain.kernels import attention, attention_packed
 
 
 _init_context: Callable[[nn.Parameter], ContextManager] = lambda p: nullcontext()
@@ -69,6 +69,31 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))  # (B, S, hidden) inside
 
 
+class KVCache:
+    """Keys and values of the positions decoded so far, one (k, v) pair per attention layer.
+
+    Used for incremental decoding (`model/generate.py`): each layer appends its new keys and
+    values and attends over everything cached. `reorder` follows beam search's choices.
+    """
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add (B, H, s, D) keys/values of `layer`; return all of them, (B, H, T + s, D)."""
+        if layer in self.layers:
+            old_k, old_v = self.layers[layer]
+            k, v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (B',) of every layer's cache (beam search)."""
+        self.layers = {i: (k.index_select(0, index), v.index_select(0, index))
+                       for i, (k, v) in self.layers.items()}
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused QKV projection, via `kernels.attention_packed`."""
 
@@ -84,14 +109,25 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, S, D); key_padding_mask: (B, S) bool, True = real token -> (B, S, D)."""
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x: (B, S, D); key_padding_mask: (B, S) bool, True = real token -> (B, S, D).
+
+        With `cache`, x holds only the new positions: their keys/values are appended to the
+        cache under `layer` and the (bottom-right aligned, causal) attention spans all of them.
+        """
         b, s, d = x.shape
         qkv = self.qkv(x).view(b, s, 3, self.heads, self.head_dim)  # (B, S, 3, H, Dh)
-        out = attention_packed(qkv, causal=self.causal, key_padding_mask=key_padding_mask,
-                               impl=self.attention_impl)  # (B, S, H, Dh)
-        return self.proj(out.reshape(b, s, d))  # (B, S, D)
+        if cache is None:
+            out = attention_packed(qkv, causal=self.causal, key_padding_mask=key_padding_mask,
+                                   impl=self.attention_impl)  # (B, S, H, Dh)
+            return self.proj(out.reshape(b, s, d))  # (B, S, D)
+        if key_padding_mask is not None:
+            raise ValueError("incremental decoding (cache) does not take a key padding mask")
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, Dh)
+        k, v = cache.append(layer, k, v)  # (B, H, T + S, Dh)
+        out = attention(q, k, v, causal=self.causal, impl=self.attention_impl)  # (B, H, S, Dh)
+        return self.proj(out.transpose(1, 2).reshape(b, s, d))  # (B, S, D)
 
 
 class Block(nn.Module):
@@ -105,10 +141,10 @@ class Block(nn.Module):
         self.ln2 = LayerNorm(width)
         self.mlp = MLP(width, int(width * mlp_ratio))
 
-    def forward(self, x: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, S, D) -> (B, S, D)."""
-        x = x + self.attn(self.ln1(x), key_padding_mask)  # (B, S, D)
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x: (B, S, D) -> (B, S, D) (`cache`, `layer`: see `SelfAttention.forward`)."""
+        x = x + self.attn(self.ln1(x), key_padding_mask, cache, layer)  # (B, S, D)
         return x + self.mlp(self.ln2(x))  # (B, S, D)
 
 
@@ -130,12 +166,17 @@ class Transformer(nn.Module):
             Block(width, heads, mlp_ratio, causal=causal, attention_impl=attention_impl)
             for _ in range(layers))
 
-    def forward(self, x: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, S, D); key_padding_mask: (B, S) bool or None -> (B, S, D)."""
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer_offset: int = 0) -> torch.Tensor:
+        """x: (B, S, D); key_padding_mask: (B, S) bool or None -> (B, S, D).
+
+        With `cache` (incremental decoding), block i keeps its keys/values under
+        `layer_offset + i`."""
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            if recompute:
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x = block(x, None, cache, layer_offset + i)  # (B, S, D)
+            elif recompute:
                 x = checkpoint(block, x, key_padding_mask, use_reentrant=False)  # (B, S, D)
             else:
                 x = block(x, key_padding_mask)  # (B, S, D)

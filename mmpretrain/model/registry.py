@@ -1,7 +1,9 @@
 """Named model sizes. Each entry is the `model` subtree of a config (plain data, no torch).
 
 The CLIP sizes follow the published OpenAI/OpenCLIP architectures (widths, depths, heads, patch
-size, resolution, embedding dimension, 49,408-token vocabulary, 77-token context).
+size, resolution, embedding dimension, 49,408-token vocabulary, 77-token context). The `coca_*`
+sizes add OpenCLIP's CoCa multimodal decoder (`coca_ViT-B-32`, `coca_ViT-L-14`: as many decoder
+layers as text layers, the text width, 256 attentional-pooler queries) to the same towers.
 """
 from __future__ import annotations
 
@@ -40,6 +42,20 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
         "text": _CLIP_TEXT_H,
     },
 }
+
+
+def _coca(base: str, fusion: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(MODEL_SIZES[base])
+    out["fusion"] = {"decoder": True, **fusion}
+    return out
+
+
+MODEL_SIZES.update({
+    "coca_tiny": _coca("tiny", {"layers": 2, "heads": 4, "pool_queries": 0}),
+    "coca_vit_b32": _coca("vit_b32", {"layers": 12, "heads": 8, "pool_queries": 256}),
+    "coca_vit_b16": _coca("vit_b16", {"layers": 12, "heads": 8, "pool_queries": 256}),
+    "coca_vit_l14": _coca("vit_l14", {"layers": 12, "heads": 12, "pool_queries": 256}),
+})
 
 
 def preset(size: str) -> dict[str, Any]:

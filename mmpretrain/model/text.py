@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mmpretrain.config.schema import TextConfig
-from mmpretrain.model.layers import LayerNorm, Transformer, init_normal_
+from mmpretrain.model.layers import KVCache, LayerNorm, Transformer, init_normal_
 
 PAD_ID = 0
 """Token id of padding; captions are right-padded with it (see `data/tokenize.py`)."""
@@ -63,23 +63,31 @@ class TextTransformer(nn.Module):
         init_normal_(self.proj.weight, std=self.transformer.width ** -0.5)
         self.transformer.init_weights()
 
-    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (B, S) ids -> every token output after ln_final, (B, S, width)."""
+    def forward_tokens(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                       offset: int = 0) -> torch.Tensor:
+        """tokens: (B, S) ids -> every token output after ln_final, (B, S, width).
+
+        Incremental decoding: with `cache`, `tokens` are the ids at positions
+        offset .. offset + S - 1 and the earlier positions' keys/values come from the cache.
+        """
         if tokens.dim() != 2:
             raise ValueError(f"expected tokens of shape (B, S), got {tuple(tokens.shape)}")
-        seq = tokens.shape[1]
-        if seq > self.context_length:
+        end = offset + tokens.shape[1]
+        if end > self.context_length:
             raise ValueError(
-                f"token sequence length {seq} exceeds model.text.context_length "
+                f"token sequence length {end} exceeds model.text.context_length "
                 f"({self.context_length}); truncate captions when tokenizing")
         x = self.token_embedding(tokens)  # (B, S, W)
-        x = x + self.positional_embedding[:seq].to(x.dtype)  # (B, S, W)
-        x = self.transformer(x)  # (B, S, W), causal
+        x = x + self.positional_embedding[offset:end].to(x.dtype)  # (B, S, W)
+        x = self.transformer(x, cache=cache)  # (B, S, W), causal
         return self.ln_final(x)  # (B, S, W)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (B, S) ids -> projected text features at the EOT token, (B, embed_dim)."""
-        x = self.forward_tokens(tokens)  # (B, S, W)
+    def pool(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Token outputs (B, S, W) -> projected features at each row's EOT token, (B, E)."""
         idx = eot_index(tokens)  # (B,)
         pooled = x[torch.arange(x.shape[0], device=x.device), idx]  # (B, W)
         return self.proj(pooled)  # (B, E)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, S) ids -> projected text features at the EOT token, (B, embed_dim)."""
+        return self.pool(self.forward_tokens(tokens), tokens)  # (B, E)

@@ -41,7 +41,7 @@ class VisionTransformer(nn.Module):
         validate_vision_config(cfg)
         self.image_size = cfg.image_size
         self.patch_size = cfg.patch_size
-        self.pool = cfg.pool
+        self.pool_kind = cfg.pool
         self.grid = cfg.image_size // cfg.patch_size
         num_tokens = 1 + self.grid * self.grid
         self.patch_embed = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size,
@@ -83,11 +83,14 @@ class VisionTransformer(nn.Module):
         x = self.transformer(x)  # (B, 1 + N, W)
         return self.ln_post(x)  # (B, 1 + N, W)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, H, W) -> projected image features (B, embed_dim), not normalized."""
-        tokens = self.forward_tokens(images)  # (B, 1 + N, W)
-        if self.pool == "cls":
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token outputs (B, 1 + N, W) -> pooled, projected features (B, embed_dim)."""
+        if self.pool_kind == "cls":
             pooled = tokens[:, 0]  # (B, W)
         else:
             pooled = tokens[:, 1:].mean(dim=1)  # (B, W)
         return self.proj(pooled)  # (B, E)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, H, W) -> projected image features (B, embed_dim), not normalized."""
+        return self.pool(self.forward_tokens(images))  # (B, E)
