@@ -40,6 +40,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "zeroshot_top1" in summary:
             print(f"zero-shot top-1 accuracy on {summary['zeroshot_samples']} held-out samples: "
                   f"{100 * summary['zeroshot_top1']:.1f}%")
+        if "retrieval_i2t_r1" in summary:
+            from mmpretrain.eval.offline import retrieval_line
+
+            print(retrieval_line(summary))
     return 0
 
 
@@ -71,6 +75,23 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
     demo = ensure_demo_shards(args.cache_dir, args.image_size)
     print(json.dumps({"train": demo.train_pattern, "val": demo.val_pattern}))
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    """Caption image files with a trained fusion (CoCa) model."""
+    from mmpretrain.checkpoint.export import ExportError
+    from mmpretrain.eval.caption_cli import CaptionOptions, caption_files
+
+    opts = CaptionOptions(args.beam, args.max_len, args.length_penalty, args.batch_size,
+                          args.device)
+    try:
+        results = caption_files(args.checkpoint, args.images, opts)
+    except (ExportError, FileNotFoundError, ValueError) as e:
+        print(f"mmpretrain caption: error: {e}", file=sys.stderr)
+        return 2
+    for r in results:
+        print(json.dumps(r) if args.json else f"{r['image']}\t{r['caption']}")
     return 0
 
 
@@ -185,6 +206,67 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.set_defaults(func=cmd_bench_data)
     _add_bench_attention_parser(bsub)
+    _add_bench_train_parser(bsub)
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    """Time training steps of the real Trainer (samples/s, TFLOP/s, MFU), optionally vs OpenCLIP."""
+    from mmpretrain.engine.bench import BenchOptions, bench_report, format_report, print_notes
+
+    opts = BenchOptions(args.model, args.batch, args.data, args.zero, args.steps, args.warmup,
+                        args.workers, args.precision, args.overrides)
+    try:
+        report = bench_report(opts, args.compare or "")
+    except ValueError as e:
+        print(f"mmpretrain bench train: error: {e}", file=sys.stderr)
+        return 2
+    if report is not None:  # rank 0
+        print_notes(report)
+        print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+def _add_bench_train_parser(bsub: argparse._SubParsersAction) -> None:
+    b = bsub.add_parser("train", help="training samples/s, model TFLOP/s and MFU of the real "
+                        "Trainer (optionally next to OpenCLIP)")
+    b.add_argument("--model", default="vit_b16", help="named model size (model.size)")
+    b.add_argument("--batch", type=int, default=256, help="micro-batch size per rank")
+    b.add_argument("--data", default="synthetic", metavar="synthetic|SHARDS",
+                   help="random batches kept on the device, or a shard pattern (resampled)")
+    b.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3), help="ZeRO stage")
+    b.add_argument("--steps", type=int, default=30, help="timed steps")
+    b.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    b.add_argument("--workers", type=int, default=8, help="DataLoader workers (shards only)")
+    b.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    b.add_argument("--compare", default=None, choices=("open_clip",),
+                   help="also time OpenCLIP's step (needs the [bench] extra)")
+    b.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    b.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="more config overrides, e.g. model.activation_checkpointing=true")
+    b.set_defaults(func=cmd_bench_train)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Write one PNG of the curves in the runs' metrics.jsonl."""
+    from mmpretrain.logging.plot import describe, plot_runs
+
+    try:
+        out = plot_runs(args.runs, args.out or None, args.dpi)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mmpretrain plot: error: {e}", file=sys.stderr)
+        return 2
+    size = describe(out)
+    print(f"wrote {out} ({size['width']}x{size['height']} px)")
+    return 0
+
+
+def _add_plot_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="PNG of loss, lr, samples/s, MFU, data wait, eval curves")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to overlay")
+    p.add_argument("--out", "-o", default="", metavar="PNG",
+                   help="output file (default: <first RUN_DIR>/metrics.png)")
+    p.add_argument("--dpi", type=int, default=100, help="pixels per inch (figure: 15x8 in)")
+    p.set_defaults(func=cmd_plot)
 
 
 def _add_shards_parser(sub: argparse._SubParsersAction) -> None:
@@ -214,6 +296,49 @@ def _add_shards_parser(sub: argparse._SubParsersAction) -> None:
                    help="rewrite every shard, even ones a previous run completed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_shards)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Zero-shot and retrieval evaluation of a saved model (run, checkpoint or export dir)."""
+    from mmpretrain.checkpoint.export import ExportError
+    from mmpretrain.eval import EvalSetupError
+    from mmpretrain.eval.offline import (EvalOptions, append_record, evaluate_checkpoint,
+                                         format_summary)
+
+    opts = EvalOptions(args.data, args.zeroshot, args.zeroshot_data, args.batch_size,
+                       args.workers, args.device)
+    try:
+        record = evaluate_checkpoint(args.checkpoint, opts, args.trust_checkpoint)
+    except (FileNotFoundError, ExportError, EvalSetupError) as e:
+        print(f"mmpretrain eval: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(record) if args.json else format_summary(record))
+    if args.metrics:
+        append_record(args.metrics, record)
+    return 0
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="zero-shot + retrieval metrics of a saved model")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="run directory (newest checkpoint), step_* directory or export directory")
+    p.add_argument("--data", default="", metavar="SHARDS",
+                   help="held-out shards for retrieval (default: the run's data.val_shards, or "
+                        "the demo's held-out digits)")
+    p.add_argument("--zeroshot", default="", metavar="FILE_OR_digits",
+                   help="classes file (JSON/YAML: classnames, templates), digits or none "
+                        "(default: the run's eval.zeroshot)")
+    p.add_argument("--zeroshot-data", default="", metavar="SHARDS",
+                   help="labelled shards for a classes file (default: the held-out shards)")
+    p.add_argument("--batch-size", type=int, default=0, help="default: the run's")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--metrics", default="", metavar="FILE",
+                   help="append the result as one JSON line to FILE")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of the DeepSpeed files (trusted sources only)")
+    p.set_defaults(func=cmd_eval)
 
 
 def _add_inspect_parser(sub: argparse._SubParsersAction) -> None:
@@ -249,6 +374,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--image-size", type=int, default=32)
     p.set_defaults(func=cmd_demo_data)
+    p = sub.add_parser("caption", help="caption images with a trained fusion (CoCa) model")
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory (latest checkpoint), checkpoint directory or export")
+    p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
+    p.add_argument("--beam", type=int, default=1, help="beam width (1: greedy)")
+    p.add_argument("--max-len", type=int, default=0,
+                   help="token positions incl. start/end (0: the model's context length)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search ranks score / length**penalty")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_caption)
     p = sub.add_parser("export", help="checkpoint -> safetensors + transformers CLIPModel")
     p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
                    help="run directory (newest complete checkpoint) or a step_* directory")
@@ -260,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
     _add_shards_parser(sub)
     _add_inspect_parser(sub)
+    _add_eval_parser(sub)
     _add_bench_parser(sub)
+    _add_plot_parser(sub)
     return parser
 
 
@@ -278,6 +418,20 @@ def _drop_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+STDOUT_IS_DATA = ("caption", "eval", "export")
+"""Commands whose standard output is their result (JSON, captions): DeepSpeed's log lines,
+which it writes to stdout, go to stderr instead."""
+
+
+def _deepspeed_logs_to_stderr() -> None:
+    """Import DeepSpeed with stdout pointing at stderr: its logger binds its handler to the
+    stdout of that moment (and warns about the accelerator during the import itself)."""
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mmpretrain` console script."""
     from mmpretrain.config.load import ConfigError
@@ -287,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None:  # `mmpretrain` alone: the demo
         args = build_parser().parse_args(["train", *(argv or [])])
+    if args.command in STDOUT_IS_DATA:
+        _deepspeed_logs_to_stderr()
     try:
         return args.func(args)
     except ConfigError as e:

@@ -50,6 +50,10 @@ STAGE0_FILE = "mp_rank_00_model_states.pt"
 EXTRA_FILE = "mmpretrain_extra.json"
 
 
+FUSION_PREFIXES = ("decoder.", "fusion_head.")
+"""Weights of the multimodal part (CoCa decoder, fusion head): no CLIPModel counterpart."""
+
+
 class ExportError(RuntimeError):
     """The input cannot be exported as asked (the message says why and what to do)."""
 
@@ -163,13 +167,11 @@ def _zero_state(ckpt: Path, trust: bool) -> dict[str, torch.Tensor]:
 def _optimizer_param_names(cfg: ExperimentConfig) -> list[list[str]]:
     """Names of the trainer's optimizer groups' parameters, in group order (meta device)."""
     from mmpretrain.engine.optim import param_groups
-    from mmpretrain.losses import build_loss
     from mmpretrain.model import build_model
-    from mmpretrain.model.task import ContrastiveTask
+    from mmpretrain.model.task import build_task
 
     with torch.device("meta"):
-        task = ContrastiveTask(build_model(cfg.model, cfg.loss.kind), build_loss(cfg.loss),
-                               cfg.data.mean, cfg.data.std)
+        task = build_task(cfg, build_model(cfg.model, cfg.loss.kind))
     names = {id(p): n for n, p in task.named_parameters()}
     return [[names[id(p)] for p in g["params"]] for g in param_groups(task, 0.0)]
 
@@ -440,9 +442,16 @@ def export(source: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp32
     if prep is not None:
         write_hf(out / "hf", prep, state, cfg, DTYPES[dtype])
         report.files.append(str(out / "hf"))
+    fusion = [n for n in report.unmapped if n.startswith(FUSION_PREFIXES)]
+    if fusion:
+        report.warnings.append(
+            f"{len(fusion)} tensors of the caption decoder / fusion head (decoder.*, "
+            f"fusion_head.*): hf/ holds the contrastive two-tower part only; the full model is "
+            f"in {MODEL_FILE}")
     for name in report.unmapped:
-        report.warnings.append(f"{name}: no transformers.CLIPModel counterpart; kept in "
-                               f"{MODEL_FILE}, listed in hf/{EXTRA_FILE}")
+        if not name.startswith(FUSION_PREFIXES):
+            report.warnings.append(f"{name}: no transformers.CLIPModel counterpart; kept in "
+                                   f"{MODEL_FILE}, listed in hf/{EXTRA_FILE}")
     for name in report.dropped:
         report.warnings.append(f"{name}: not a model weight (task key), not exported")
     return report

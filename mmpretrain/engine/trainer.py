@@ -19,10 +19,12 @@ from mmpretrain.engine.dist import detect_env, init_distributed
 from mmpretrain.engine.ds_config import build_ds_config, resolve_precision
 from mmpretrain.engine.errors import NonFiniteTrainingError
 from mmpretrain.engine.optim import build_optimizer, build_scheduler
+from mmpretrain.logging.flops import flops_metrics, peak_tflops, train_flops_per_sample
 from mmpretrain.logging.metrics import JsonlWriter, StepMeter, format_metrics, peak_memory_gb
-from mmpretrain.model.task import ContrastiveTask, FeatureCache
+from mmpretrain.model.task import FeatureCache, build_task
 
 log = logging.getLogger("mmpretrain.trainer")
+EVAL_PREFIXES = ("zeroshot_", "retrieval_", "caption_")  # evaluation metrics that get logged
 
 
 def setup_logging(rank: int) -> None:
@@ -52,6 +54,7 @@ class Trainer:
         self._grad_norm: float | None = None
         self.skipped_steps = 0
         self._skipped_in_a_row = 0
+        self._last_eval: tuple[int, dict[str, Any]] = (-1, {})
         self._prepare_run_dir()
         self._build()
 
@@ -71,7 +74,6 @@ class Trainer:
 
         from mmpretrain import kernels
         from mmpretrain.data import build_train_stream, prepare_tokenizer
-        from mmpretrain.losses import build_loss
 
         cfg = self.cfg
         kernels.set_default_impl(cfg.model.attention)
@@ -85,7 +87,7 @@ class Trainer:
             self._universal = self.ckpt.universal(self._resume_path)
             ds_cfg["checkpoint"] = {"load_universal": True}
         model = self._build_model(ds_cfg)
-        self.task = ContrastiveTask(model, build_loss(cfg.loss), cfg.data.mean, cfg.data.std)
+        self.task = build_task(cfg, model)
         optimizer = self._client_optimizer = build_optimizer(self.task, cfg.optim, self.device)
         # A factory: DeepSpeed calls it with the optimizer it wraps (ZeRO-3 regroups params).
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -94,6 +96,8 @@ class Trainer:
         self.stream = build_train_stream(cfg, self.tokenizer, self.rank, self.world)
         self.jsonl = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
         self.global_batch = cfg.data.batch_size * cfg.engine.grad_accum * self.world
+        self.train_flops = train_flops_per_sample(cfg.model)  # model FLOPs of one sample
+        self.peak_tflops = peak_tflops(self.device)  # None: unknown, no `mfu` logged
 
     def _build_model(self, ds_cfg: dict) -> torch.nn.Module:
         """Build the model; under ZeRO-3 inside `zero.Init`, so no rank ever holds all weights
@@ -168,8 +172,10 @@ class Trainer:
         return (batch["image"].to(self.device, non_blocking=nb),
                 batch["tokens"].to(self.device, non_blocking=nb))
 
-    def train_step(self, micro_batches: list[dict], want_grad_norm: bool = False) -> torch.Tensor:
-        """One optimizer step over `grad_accum` micro-batches; returns the loss (on device).
+    def train_step(self, micro_batches: list[dict],
+                   want_grad_norm: bool = False) -> dict[str, torch.Tensor]:
+        """One optimizer step over `grad_accum` micro-batches; returns the losses (on device):
+        `loss` (the weighted total), `contrastive_loss`, and `caption_loss` for CoCa models.
 
         With accumulation, features of all micro-batches are cached without grad, then each
         micro-batch is recomputed with grad against the cached negatives, so the loss and its
@@ -184,8 +190,11 @@ class Trainer:
                     f = eng(images, tokens, features_only=True)
                     cache.image.append(f["image_features"])
                     cache.text.append(f["text_features"])
+        caption = []
         for j, (images, tokens) in enumerate(inputs):
             out = eng(images, tokens, cache=cache, index=j)
+            if "caption_loss" in out:
+                caption.append(out["caption_loss"])
             # DeepSpeed divides every micro-batch's gradient by the accumulation steps (also
             # through output hooks, whatever scale_wrt_gas says). The cached-feature loss is
             # already the loss of the whole accumulated batch, so undo that division.
@@ -193,7 +202,18 @@ class Trainer:
             if want_grad_norm and j == len(inputs) - 1:
                 self._grad_norm = self._unpartitioned_grad_norm()
             eng.step()
-        return out["loss"].detach()
+        return self._step_losses(out, caption)
+
+    def _step_losses(self, out: dict[str, torch.Tensor],
+                     caption: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The step's losses: the contrastive loss covers the whole accumulated batch (the
+        last micro-batch's value); the caption loss is the mean over micro-batches."""
+        losses = {"contrastive_loss": out["contrastive_loss"]}
+        total = self.task.contrastive_weight * out["contrastive_loss"]
+        if caption:
+            losses["caption_loss"] = torch.stack(caption).mean()
+            total = total + self.task.caption_weight * losses["caption_loss"]
+        return {"loss": total.detach(), **losses}
 
     def _unpartitioned_grad_norm(self) -> float | None:
         """Global grad norm read from p.grad where DeepSpeed does not report one (ZeRO-0 fp32:
@@ -219,17 +239,28 @@ class Trainer:
             dist.all_reduce(flag)
         return flag.item() > 0
 
-    def _log(self, loss_sum: torch.Tensor, n: int, meter: StepMeter, wandb: Any) -> None:
-        loss = loss_sum / max(n, 1)
+    def _mean_losses(self, loss_sum: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+        """Mean of each loss over the window's steps and the ranks (one all_reduce)."""
+        names = sorted(loss_sum)
+        values = torch.stack([loss_sum[k] for k in names]) / max(n, 1)  # (K,)
         if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(loss)
-            loss /= self.world
+            dist.all_reduce(values)
+            values /= self.world
+        return dict(zip(names, values.tolist()))
+
+    def _log(self, loss_sum: dict[str, torch.Tensor], n: int, meter: StepMeter,
+             wandb: Any) -> None:
+        losses = self._mean_losses(loss_sum, n)
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = self._grad_norm if grad_norm is None else grad_norm
+        speed = meter.summary()
+        speed.update(flops_metrics(speed["samples_per_s"], self.train_flops, self.world,
+                                   self.peak_tflops))  # tflops_per_s, mfu (known peak)
         record = {"step": self.step, "total_steps": self.cfg.optim.steps,
-                  "loss": float(loss.item()), "lr": float(self.scheduler.get_last_lr()[0]),
+                  "loss": losses.pop("loss"), **losses,
+                  "lr": float(self.scheduler.get_last_lr()[0]),
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                  **meter.summary(), "peak_mem_gb": peak_memory_gb(self.device),
+                  **speed, "peak_mem_gb": peak_memory_gb(self.device),
                   "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
                   **(self.stream.metrics() if hasattr(self.stream, "metrics") else {})}
         if self.rank == 0:
@@ -259,7 +290,8 @@ class Trainer:
         self.resume()
         self._install_signal_handlers()
         self._wandb, bar, self._meter = self._make_wandb(), self._progress(), StepMeter()
-        self._loss_sum, self._n_loss, status = torch.zeros((), device=self.device), 0, "finished"
+        self._loss_sum: dict[str, torch.Tensor] = {}
+        self._n_loss, status = 0, "finished"
         batches = iter(self.stream)
         self.engine.train()
         while self.step < cfg.optim.steps:
@@ -279,8 +311,11 @@ class Trainer:
                 self.step):
             self.save()
         if status == "finished" and cfg.eval.at_end:
-            summary.update(self.evaluate())
-            self._log_eval(summary, self._wandb)
+            if self._last_eval[0] == self.step:  # `eval.every` just evaluated this step
+                summary.update(self._last_eval[1])
+            else:
+                summary.update(self.evaluate())
+                self._log_eval(summary, self._wandb)
         self._wandb.finish()
         return summary
 
@@ -292,7 +327,8 @@ class Trainer:
         data_time = time.perf_counter() - t0
         self._log_now = (self.step + 1) % cfg.logging.log_every == 0 or (
             self.step + 1 == cfg.optim.steps)
-        self._loss_sum += self.train_step(micro, want_grad_norm=self._log_now)
+        for name, value in self.train_step(micro, want_grad_norm=self._log_now).items():
+            self._loss_sum[name] = self._loss_sum.get(name, 0.0) + value.float()
         self._n_loss += 1
         self.step += 1
         self.samples_seen += self.global_batch
@@ -305,12 +341,27 @@ class Trainer:
             log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", self.step,
                         self._skipped_in_a_row)
 
+    def run_steps(self, n: int, batches: Any = None) -> tuple[StepMeter, dict[str, torch.Tensor]]:
+        """Take `n` optimizer steps and nothing else (no resume, logging, signal checks,
+        checkpoints or evaluation): the entry of `mmpretrain bench train` (`engine/bench.py`).
+        Batches come from the iterator `batches`, else from the data stream (one iterator kept
+        across calls). Returns these steps' meter and summed losses (on device, not synced)."""
+        if batches is None:
+            if getattr(self, "_stream_iter", None) is None:
+                self._stream_iter = iter(self.stream)
+            batches = self._stream_iter
+        self._meter, self._loss_sum, self._n_loss = StepMeter(), {}, 0
+        self.engine.train()
+        for _ in range(n):
+            self._one_step(batches)
+        return self._meter, self._loss_sum
+
     def _after_step(self) -> str:
         """Logging, signals, stops, checkpoints and evals after a step; returns the status."""
         cfg = self.cfg
         if self._log_now:
             self._log(self._loss_sum, self._n_loss, self._meter, self._wandb)
-            self._loss_sum, self._n_loss = torch.zeros((), device=self.device), 0
+            self._loss_sum, self._n_loss = {}, 0
         if self._skipped_in_a_row > cfg.optim.max_skipped_steps:
             self.save()  # skipped steps changed no weights: this is the last good state
             raise NonFiniteTrainingError(
@@ -327,24 +378,47 @@ class Trainer:
         if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
             self.save()
         if cfg.eval.every and self.step % cfg.eval.every == 0:
-            self._log_eval(self.evaluate(), self._wandb)
+            self._last_eval = (self.step, self.evaluate())
+            self._log_eval(self._last_eval[1], self._wandb)
+            self._meter.reset()  # evaluation time is not training throughput
         return "running"
 
     # ---- evaluation ----------------------------------------------------------------------
     def _log_eval(self, metrics: dict[str, Any], wandb: Any) -> None:
-        evals = {k: v for k, v in metrics.items() if k.startswith("zeroshot")}
+        evals = {k: v for k, v in metrics.items() if k.startswith(EVAL_PREFIXES)}
         if self.rank == 0 and evals:
             self.jsonl.write({"step": self.step, **evals})
             wandb.log(evals, step=self.step)
             log.info("eval step %d: %s", self.step, format_metrics(evals))
 
     def evaluate(self) -> dict[str, Any]:
-        """Zero-shot classification on the configured held-out set (every rank takes part)."""
-        from mmpretrain.eval.setup import run_zeroshot
+        """The configured evaluations (zero-shot, retrieval, ...; every rank takes part)."""
+        from mmpretrain.eval.setup import run_evals
 
         self.engine.eval()
         try:
-            return run_zeroshot(self.cfg, self.task, self.tokenizer, self.rank, self.world,
-                                self.device)
+            return run_evals(self.cfg, self._eval_task(), self.tokenizer, self.rank,
+                             self.world, self.device)
         finally:
             self.engine.train()
+
+    def _eval_task(self) -> Any:
+        """What evaluation runs on. ZeRO-3 partitions every weight and gathers it inside each
+        module call, a collective that would hang when ranks make different numbers of calls
+        (uneven held-out shards, captions of different lengths): evaluate a full copy instead,
+        gathered one parameter at a time (the same calls on every rank)."""
+        if self.cfg.engine.zero_stage != 3:
+            return self.task
+        import deepspeed
+
+        from mmpretrain.eval.setup import InferenceTask
+        from mmpretrain.model import build_model
+
+        with torch.device(self.device):
+            model = build_model(self.cfg.model, self.cfg.loss.kind)
+        dtype = next(self.task.model.parameters()).dtype
+        src = dict(self.task.model.named_parameters())
+        for name, dst in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([src[name]]):
+                dst.data = src[name].data.detach().clone()
+        return InferenceTask(model.to(dtype).eval(), self.cfg.data.mean, self.cfg.data.std)
