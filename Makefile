@@ -19,6 +19,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mmpretrain train --config experiments/demo_digits.yaml $(ARGS)
+	$(BIN)/mmpretrain plot runs/demo_digits
+	@echo "training curves: runs/demo_digits/metrics.png"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)

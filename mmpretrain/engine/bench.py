@@ -1,0 +1,346 @@
+"""`mmpretrain bench train`: training throughput and MFU of the real Trainer on this machine,
+optionally next to OpenCLIP's training step on the same architecture and batch.
+
+Ours: an `ExperimentConfig` for the named size (checkpoints, evaluation and wandb off) runs the
+real `Trainer` (DeepSpeed engine, task, loss, optimizer) for `warmup` steps, then `steps` timed
+steps; CUDA is synchronized before each clock read and nothing else syncs inside the timed
+steps beyond what the trainer itself does. With synthetic data a pool of 4 batches is generated
+once and kept on the device, so the step alone is timed (as for OpenCLIP below); with shards
+the real data stream feeds the steps and its wait shows in `data_wait_frac`.
+
+OpenCLIP (`--compare open_clip`): `open_clip.create_model(name)` trained like its
+`--torchcompile --precision amp_bf16` run: `torch.compile(model)`, bf16 autocast, AdamW
+(fused on CUDA) with OpenCLIP's no-decay groups, `ClipLoss`, the logit-scale clamp after each
+step, on random images and tokens kept on the device. On CPU it runs eager in fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import math
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from mmpretrain.config.load import load_config
+from mmpretrain.engine.dist import detect_env
+from mmpretrain.logging.flops import (device_name, flops_metrics, peak_tflops,
+                                      train_flops_per_sample)
+from mmpretrain.logging.metrics import peak_memory_gb
+
+OPEN_CLIP_MODELS = {"vit_b32": "ViT-B-32", "vit_b16": "ViT-B-16", "vit_l14": "ViT-L-14"}
+"""Our named sizes with an architecture-identical OpenCLIP model."""
+SKIP_MESSAGE = ("open-clip-torch is not installed; pip install 'mmpretrain[bench]' (or "
+                "open-clip-torch==3.3.0) to compare with OpenCLIP; skipping the comparison")
+POOL_BATCHES = 4
+
+
+@dataclass
+class BenchOptions:
+    """What `mmpretrain bench train` runs (its command-line options)."""
+
+    model: str = "vit_b16"
+    batch: int = 256
+    data: str = "synthetic"
+    zero: int = 1
+    steps: int = 30
+    warmup: int = 10
+    workers: int = 8
+    precision: str = "auto"
+    overrides: list[str] = field(default_factory=list)
+
+
+def bench_overrides(opts: BenchOptions, output_dir: str) -> list[str]:
+    """The config overrides of a benchmark run (the user's `overrides` last, so they win)."""
+    if opts.steps < 1 or opts.warmup < 0 or opts.batch < 1:
+        raise ValueError(f"--steps ({opts.steps}) and --batch ({opts.batch}) must be >= 1 and "
+                         f"--warmup ({opts.warmup}) >= 0")
+    if opts.data == "synthetic":
+        data = ["data.source=synthetic"]
+    else:  # resampled: endless, no minimum shard count, sample counts optional
+        data = ["data.source=shards", f'data.train_shards="{_yaml_str(opts.data)}"',
+                "data.mode=resampled", f"data.num_workers={opts.workers}"]
+    return [f"model.size={opts.model}", f"data.batch_size={opts.batch}", *data,
+            f"engine.zero_stage={opts.zero}", f"engine.precision={opts.precision}",
+            f"optim.steps={opts.warmup + opts.steps}", f"optim.warmup_steps={opts.warmup}",
+            "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=none",
+            "eval.at_end=false", "eval.every=0", "logging.wandb_mode=disabled",
+            "logging.progress=false", f'output_dir="{_yaml_str(output_dir)}"', "name=bench",
+            *opts.overrides]
+
+
+def _yaml_str(text: str) -> str:
+    """`text` escaped for a double-quoted YAML scalar (overrides are parsed as YAML)."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(device: torch.device, fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Wall seconds of `fn()`, with the device (and the ranks) synchronized at both ends."""
+    _sync(device)
+    if dist.is_initialized():
+        dist.barrier()
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def _device_pool(trainer: Any) -> Any:
+    """An endless iterator over POOL_BATCHES synthetic batches kept on the training device."""
+    pool = []
+    for i in range(POOL_BATCHES):
+        b = trainer.stream.batch(i)
+        pool.append({**b, "image": b["image"].to(trainer.device),  # (B, 3, S, S) uint8
+                     "tokens": b["tokens"].to(trainer.device)})  # (B, L)
+    return itertools.cycle(pool)
+
+
+def versions() -> dict[str, str]:
+    """Versions of what the timing depends on."""
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import deepspeed
+        out["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    if torch.version.cuda and torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def _speed(opts: BenchOptions, elapsed: float, global_batch: int, train_flops: int,
+           world: int, device: torch.device) -> dict[str, Any]:
+    """samples/s, step time, TFLOP/s per rank and MFU of `opts.steps` steps in `elapsed` s."""
+    samples_per_s = opts.steps * global_batch / elapsed
+    peak = peak_tflops(device)
+    speed = flops_metrics(samples_per_s, train_flops, world, peak)
+    return {"samples_per_s": samples_per_s, "step_time_s": elapsed / opts.steps,
+            "tflops_per_s": speed["tflops_per_s"], "mfu": speed.get("mfu"),
+            "peak_tflops": peak, "train_flops_per_sample": train_flops}
+
+
+def _measure(trainer: Any, opts: BenchOptions) -> dict[str, Any]:
+    """Warm up, time `opts.steps` steps of `trainer`, and describe the result."""
+    cfg = trainer.cfg
+    batches = _device_pool(trainer) if cfg.data.source == "synthetic" else None
+    trainer.run_steps(opts.warmup, batches)
+    elapsed, (meter, losses) = _timed(trainer.device, lambda: trainer.run_steps(opts.steps,
+                                                                                batches))
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.task.model.parameters())
+    return {
+        "impl": "mmpretrain", "model": opts.model, "batch_per_rank": cfg.data.batch_size,
+        "world_size": trainer.world, "global_batch": trainer.global_batch, "data": opts.data,
+        "zero_stage": cfg.engine.zero_stage, "precision": trainer.precision,
+        "steps": opts.steps, "warmup": opts.warmup,
+        **_speed(opts, elapsed, trainer.global_batch, trainer.train_flops, trainer.world,
+                 trainer.device),
+        "peak_mem_gb": peak_memory_gb(trainer.device),
+        "data_wait_frac": meter.data_time / elapsed, "params": params,
+        "loss": float(losses["loss"]) / opts.steps,
+        "device": device_name(trainer.device), "device_type": trainer.device.type,
+        "versions": versions()}
+
+
+def bench_mmpretrain(opts: BenchOptions) -> dict[str, Any] | None:
+    """Run the real Trainer as `opts` says; the result on rank 0, None on other ranks."""
+    from mmpretrain.engine.trainer import Trainer
+
+    denv = detect_env()
+    if denv.world_size == 1:
+        tmp = tempfile.mkdtemp(prefix="mmpretrain-bench-")
+    else:  # one name on every rank of the job (rank 0 fits a tokenizer the others load)
+        tmp = str(Path(tempfile.gettempdir()) / f"mmpretrain-bench-{denv.master_port}")
+    try:
+        trainer = Trainer(load_config(None, bench_overrides(opts, tmp)))
+        result = _measure(trainer, opts)
+        rank = trainer.rank
+        if dist.is_initialized():
+            dist.barrier()
+    finally:
+        if denv.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+    del trainer
+    gc.collect()
+    return result if rank == 0 else None
+
+
+def open_clip_name(size: str) -> str:
+    """OpenCLIP's name of our size `size`; ValueError (naming --model) if it has none."""
+    if size not in OPEN_CLIP_MODELS:
+        raise ValueError(f"--model {size!r} has no OpenCLIP equivalent for --compare open_clip "
+                         f"(one of: {', '.join(OPEN_CLIP_MODELS)})")
+    return OPEN_CLIP_MODELS[size]
+
+
+def open_clip_problem() -> str | None:
+    """None when `import open_clip` works, else why the comparison is skipped."""
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:
+        return SKIP_MESSAGE
+    except Exception as e:  # e.g. a torchvision built for another torch
+        return f"open_clip failed to import ({type(e).__name__}: {e}); skipping the comparison"
+    return None
+
+
+def _open_clip_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with OpenCLIP's defaults for ViTs and its no-weight-decay parameter groups."""
+    def exclude(n: str, p: torch.Tensor) -> bool:
+        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+              {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.2}]
+    return torch.optim.AdamW(groups, lr=5e-4, betas=(0.9, 0.98), eps=1e-6,
+                             fused=device.type == "cuda")
+
+
+def bench_open_clip(opts: BenchOptions, device: torch.device) -> dict[str, Any]:
+    """Time OpenCLIP's training step for our size `opts.model` (see the module docstring)."""
+    import open_clip
+
+    name = open_clip_name(opts.model)
+    arch = open_clip.get_model_config(name)
+    size, ctx = arch["vision_cfg"]["image_size"], arch["text_cfg"]["context_length"]
+    vocab = arch["text_cfg"]["vocab_size"]
+    gc.collect()
+    base_mem = 0
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        base_mem = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(0)
+    model = open_clip.create_model(name, device=device, output_dict=True)  # fp32 weights
+    model.train()
+    optimizer, loss_fn = _open_clip_optimizer(model, device), open_clip.ClipLoss()
+    cuda = device.type == "cuda"
+    step_model = torch.compile(model) if cuda else model
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (
+        contextlib.nullcontext)
+    images = torch.randn(opts.batch, 3, size, size, device=device)  # (B, 3, S, S)
+    tokens = torch.randint(0, vocab, (opts.batch, ctx), device=device)  # (B, L)
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                loss = loss_fn(**step_model(images, tokens))
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+
+    run(opts.warmup)
+    elapsed, _ = _timed(device, lambda: run(opts.steps))
+    ours = load_config(None, [f"model.size={opts.model}"]).model  # same architecture
+    peak_mem = ((torch.cuda.max_memory_allocated(device) - base_mem) / 2**30 if cuda
+                else peak_memory_gb(device))
+    return {"impl": "open_clip", "model": name, "batch_per_rank": opts.batch, "world_size": 1,
+            "global_batch": opts.batch, "precision": "amp_bf16" if cuda else "fp32",
+            "compiled": cuda, "steps": opts.steps, "warmup": opts.warmup,
+            **_speed(opts, elapsed, opts.batch, train_flops_per_sample(ours), 1, device),
+            "peak_mem_gb": peak_mem, "data_wait_frac": 0.0,
+            "params": sum(p.numel() for p in model.parameters()),
+            "device": device_name(device), "device_type": device.type,
+            "versions": {**versions(), "open_clip": open_clip.__version__}}
+
+
+def bench_report(opts: BenchOptions, compare: str = "") -> dict[str, Any] | None:
+    """Run ours (and OpenCLIP with `compare="open_clip"`): the report on rank 0, else None.
+
+    `notes` lists what was skipped and why (OpenCLIP not installed, a multi-rank job)."""
+    notes: list[str] = []
+    with_open_clip = compare == "open_clip"
+    if compare not in ("", "open_clip"):
+        raise ValueError(f"--compare {compare!r}: only 'open_clip' is supported")
+    problem = open_clip_problem() if with_open_clip else None
+    if problem:
+        notes.append(problem)
+        with_open_clip = False
+    if with_open_clip:
+        open_clip_name(opts.model)  # fail before the long run
+    ours = bench_mmpretrain(opts)
+    if ours is None:
+        return None
+    theirs = None
+    if with_open_clip and ours["world_size"] > 1:
+        notes.append("the OpenCLIP comparison runs in a single process only; skipped")
+    elif with_open_clip:
+        theirs = bench_open_clip(opts, _device_of(ours))
+    ratio = ours["samples_per_s"] / theirs["samples_per_s"] if theirs else None
+    return {"options": asdict(opts), "mmpretrain": ours, "open_clip": theirs,
+            "ratio_samples_per_s": ratio, "notes": notes}
+
+
+def _device_of(result: dict[str, Any]) -> torch.device:
+    if result["device_type"] == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _cell(key: str, result: dict[str, Any] | None) -> str:
+    if result is None:
+        return "-"
+    value = result.get(key)
+    if key == "mfu":
+        return "n/a (unknown peak)" if value is None else f"{100 * value:.1f}%"
+    formats = {"samples_per_s": "{:,.1f}" if value >= 10 else "{:.3g}",
+               "step_time_s": "{:.1f}", "tflops_per_s": "{:.3g}",
+               "peak_mem_gb": "{:.2f}", "data_wait_frac": "{:.3f}", "params": "{:.2f}"}
+    scale = {"step_time_s": 1e3, "params": 1e-6}.get(key, 1)
+    return formats[key].format(value * scale)
+
+
+ROWS = (("samples/s", "samples_per_s"), ("step time (ms)", "step_time_s"),
+        ("model TFLOP/s per rank", "tflops_per_s"), ("MFU", "mfu"),
+        ("peak memory (GiB)", "peak_mem_gb"), ("data-wait fraction", "data_wait_frac"),
+        ("parameters (M)", "params"))
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human-readable table of a `bench_report`."""
+    ours, theirs = report["mmpretrain"], report["open_clip"]
+    peak = ours["peak_tflops"]
+    lines = [
+        f"mmpretrain bench train: {ours['model']}, batch {ours['batch_per_rank']} per rank x "
+        f"{ours['world_size']} rank(s), data {ours['data']}, ZeRO {ours['zero_stage']}, "
+        f"{ours['precision']}; {ours['steps']} timed steps after {ours['warmup']} warm-up",
+        f"device: {ours['device']} (peak "
+        + (f"{peak:g} TFLOP/s dense bf16)" if peak else "unknown: set MMPRETRAIN_PEAK_TFLOPS)"),
+        "versions: " + ", ".join(f"{k} {v}" for k, v in
+                                 {**ours["versions"], **(theirs or {}).get("versions", {})}
+                                 .items()),
+    ]
+    if theirs:
+        lines.append(f"open_clip: {theirs['model']}, {theirs['precision']}"
+                     f"{', torch.compile' if theirs['compiled'] else ', eager'}")
+    header = ["", "mmpretrain"] + (["open_clip"] if theirs else [])
+    rows = [[label, _cell(key, ours)] + ([_cell(key, theirs)] if theirs else [])
+            for label, key in ROWS]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    if report["ratio_samples_per_s"] is not None:
+        lines.append(f"samples/s ours / open_clip: {report['ratio_samples_per_s']:.2f}x")
+    return "\n".join(lines)
+
+
+def print_notes(report: dict[str, Any]) -> None:
+    """Print the report's notes (skipped parts) to standard error."""
+    for note in report["notes"]:
+        print(f"mmpretrain bench train: {note}", file=sys.stderr)

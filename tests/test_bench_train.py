@@ -1,0 +1,94 @@
+"""`mmpretrain bench train` on CPU: the real Trainer timed, and the OpenCLIP comparison's skip."""
+from __future__ import annotations
+
+import builtins
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, clean_env
+from mmpretrain.config.load import load_config
+from mmpretrain.engine.bench import (SKIP_MESSAGE, format_report, open_clip_name,
+                                     open_clip_problem)
+from mmpretrain.logging.flops import PEAK_TFLOPS_ENV, train_flops_per_sample
+
+# open_clip made unimportable whether or not it is installed (None in sys.modules).
+BLOCKED_RUN = ("import sys; sys.modules['open_clip'] = None; from mmpretrain.cli import main; "
+               "sys.exit(main(sys.argv[1:]))")
+ARGS = ["bench", "train", "--model", "tiny", "--batch", "8", "--steps", "3", "--warmup", "1",
+        "--compare", "open_clip", "--json"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run() -> subprocess.CompletedProcess:
+    env = clean_env()
+    env.pop(PEAK_TFLOPS_ENV, None)
+    return subprocess.run([sys.executable, "-c", BLOCKED_RUN, *ARGS], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_tiny_cpu_run_reports_sane_numbers(tiny_run: subprocess.CompletedProcess) -> None:
+    assert tiny_run.returncode == 0, tiny_run.stderr[-4000:]
+    report = json.loads(tiny_run.stdout.strip().splitlines()[-1])
+    ours = report["mmpretrain"]
+    assert ours["device_type"] == "cpu" and ours["world_size"] == 1
+    assert ours["steps"] == 3 and ours["global_batch"] == 8
+    assert ours["samples_per_s"] > 0 and ours["tflops_per_s"] > 0
+    assert ours["mfu"] is None and ours["peak_tflops"] is None  # no known CPU peak
+    flops = train_flops_per_sample(load_config(None, ["model.size=tiny"]).model)
+    assert ours["train_flops_per_sample"] == flops
+    assert ours["tflops_per_s"] == pytest.approx(flops * ours["samples_per_s"] / 1e12)
+    assert ours["step_time_s"] == pytest.approx(8 / ours["samples_per_s"])
+    assert 0 <= ours["data_wait_frac"] < 1
+    assert ours["params"] > 1_000_000 and ours["peak_mem_gb"] > 0
+    assert ours["loss"] > 0
+    assert ours["versions"]["torch"] and ours["versions"]["deepspeed"]
+    table = format_report(report)
+    assert "n/a (unknown peak)" in table and "samples/s" in table
+
+
+def test_compare_without_open_clip_skips(tiny_run: subprocess.CompletedProcess) -> None:
+    assert tiny_run.returncode == 0, tiny_run.stderr[-4000:]
+    assert "open-clip-torch is not installed" in tiny_run.stderr
+    assert "mmpretrain[bench]" in tiny_run.stderr
+    report = json.loads(tiny_run.stdout.strip().splitlines()[-1])
+    assert report["open_clip"] is None and report["ratio_samples_per_s"] is None
+    assert report["notes"] == [SKIP_MESSAGE]
+
+
+def test_open_clip_names() -> None:
+    assert open_clip_name("vit_b16") == "ViT-B-16"
+    assert open_clip_name("vit_l14") == "ViT-L-14"
+    with pytest.raises(ValueError, match="--model 'tiny'"):
+        open_clip_name("tiny")
+
+
+def test_open_clip_that_fails_to_import_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_import = builtins.__import__
+
+    def broken(name: str, *args, **kwargs):
+        if name == "open_clip":
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    assert "RuntimeError: operator torchvision::nms" in open_clip_problem()
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    assert open_clip_problem() == SKIP_MESSAGE
+
+
+def test_table_with_both_and_a_known_peak() -> None:
+    ours = {"model": "vit_b16", "batch_per_rank": 256, "world_size": 1, "data": "synthetic",
+            "zero_stage": 1, "precision": "bf16", "steps": 30, "warmup": 10,
+            "device": "GPU X", "peak_tflops": 100.0, "versions": {"torch": "t"},
+            "samples_per_s": 300.0, "step_time_s": 256 / 300, "tflops_per_s": 40.0,
+            "mfu": 0.4, "peak_mem_gb": 10.0, "data_wait_frac": 0.01, "params": 150e6}
+    theirs = {**ours, "model": "ViT-B-16", "precision": "amp_bf16", "compiled": True,
+              "samples_per_s": 200.0, "mfu": 0.2667, "versions": {"open_clip": "3.3.0"}}
+    text = format_report({"mmpretrain": ours, "open_clip": theirs, "ratio_samples_per_s": 1.5,
+                          "notes": []})
+    assert "40.0%" in text and "26.7%" in text and "1.50x" in text
+    assert "open_clip 3.3.0" in text and "torch.compile" in text
