@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in as few device calls as possible (each call <= 10 minutes).
+#
+# Here, once:   ../shared/tools/gpu-wheels.sh .whl && echo /.whl/ >> .git/info/exclude
+# On the device machine (the `run` tool, carry [".whl"]), one stage per call:
+#   bash tests/gpu_session.sh check       # GPU tests: kernel parity bf16/fp16, kernel on/off training
+#   bash tests/gpu_session.sh attention   # mmpretrain bench attention, every shape and backend
+#   bash tests/gpu_session.sh train       # bench train ViT-B/32, B/16, L/14 vs compiled OpenCLIP
+#   bash tests/gpu_session.sh all         # the three above (may not fit one 10-minute call)
+# Results land in $OUT (logs and JSON; at most 8 files come back).
+set -uo pipefail
+stage=${1:-all}
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+if [ -d .whl ] && [ ! -d .gpu-site ]; then
+  python3 -m pip install -q --no-index --no-deps --target .gpu-site .whl/*.whl
+fi
+export PYTHONPATH=$PWD/.gpu-site:$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+py=python3
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/env.txt" 2>&1
+$py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+  >> "$OUT/env.txt" 2>&1
+
+check() {
+  $py -m pytest -q -m gpu tests/ -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$?" | tee -a "$OUT/gpu_tests.log"
+}
+
+attention() {
+  $py -m mmpretrain.cli bench attention --json "$OUT/attention.json" \
+    > "$OUT/attention.txt" 2>&1
+  echo "bench attention rc=$?"; cat "$OUT/attention.txt" | tail -30
+}
+
+train() {
+  : > "$OUT/train.jsonl"
+  for spec in "vit_b32 512" "vit_b16 256" "vit_l14 128"; do
+    set -- $spec
+    $py -m mmpretrain.cli bench train --model "$1" --batch "$2" --zero 1 --steps 20 \
+      --warmup 8 --compare open_clip --json > "$OUT/train_$1.out" 2>> "$OUT/train.log"
+    echo "bench train $1 rc=$?"
+    tail -n 1 "$OUT/train_$1.out" >> "$OUT/train.jsonl"  # the report is the last line
+    cat "$OUT/train_$1.out" >> "$OUT/train.log" && rm "$OUT/train_$1.out"
+  done
+  tail -c 3000 "$OUT/train.jsonl"
+}
+
+case "$stage" in
+  check) check ;;
+  attention) attention ;;
+  train) train ;;
+  all) check; attention; train ;;
+  *) echo "unknown stage $stage (check|attention|train|all)"; exit 2 ;;
+esac
