@@ -49,8 +49,8 @@ def check_accum(out: str) -> dict:
     batch = synthetic_batch(0, 0, 0, 32, 32, 32, 1024)
     micro = [{k: v[i * 8:(i + 1) * 8] for k, v in batch.items()} for i in range(4)]
     g_big, g_small = _grab_grads(big), _grab_grads(small)
-    loss_big = big.train_step([batch]).item()
-    loss_small = small.train_step(micro).item()
+    loss_big = big.train_step([batch])["loss"].item()
+    loss_small = small.train_step(micro)["loss"].item()
     diffs = {n: (g_big[n] - g_small[n]).abs().max().item() / (g_big[n].abs().max().item() + 1e-12)
              for n in g_big}
     return {"loss_big": loss_big, "loss_small": loss_small, "n_grads": len(g_big),
