@@ -6,6 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_NAME ?= demo_digits
 
 .PHONY: install demo test clean
 
@@ -18,9 +19,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/mmpretrain train --config experiments/demo_digits.yaml $(ARGS)
-	$(BIN)/mmpretrain plot runs/demo_digits
-	@echo "training curves: runs/demo_digits/metrics.png"
+	$(BIN)/mmpretrain train --config experiments/demo_digits.yaml name=$(DEMO_NAME) $(ARGS)
+	$(BIN)/mmpretrain plot runs/$(DEMO_NAME)
+	@echo "training curves: runs/$(DEMO_NAME)/metrics.png"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
