@@ -26,7 +26,8 @@ def coca_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_train([f"output_dir={tmp}", "name=coca", "optim.steps=12", "checkpoint.every=0",
                "logging.log_every=4", "logging.wandb_mode=disabled",
                f"data.cache_dir={tmp / 'cache'}", "data.batch_size=32",
-               "eval.caption_samples=16"], config="experiments/demo_coca_digits.yaml")
+               "eval.caption_samples=16", "eval.every=6"],
+              config="experiments/demo_coca_digits.yaml")
     return tmp / "coca"
 
 
@@ -37,7 +38,9 @@ def test_training_logs_both_losses_and_caption_eval(coca_run: Path) -> None:
     for r in train:
         assert abs(r["loss"] - (r["contrastive_loss"] + 2.0 * r["caption_loss"])) < 1e-4
     evals = [r for r in records if "caption_samples" in r]
-    assert evals and evals[-1]["caption_samples"] == 16
+    # eval.every=6 over 12 steps: at 6 and 12 (the final evaluation is not repeated)
+    assert [r["step"] for r in evals] == [6, 12]
+    assert evals[-1]["caption_samples"] == 16
     assert 0.0 <= evals[-1]["caption_class_match"] <= 1.0
     assert "zeroshot_top1" in evals[-1] and "retrieval_t2i_r1" in evals[-1]
 

@@ -252,3 +252,30 @@ def test_reduced_size_decode_matches_full() -> None:
         assert fast.shape == full.shape == (3, 64, 64) and fast.dtype == torch.uint8
         diffs.append((fast.float() - full.float()).abs().mean().item())
     assert max(diffs) < 3.0, diffs
+
+
+def test_captions_list_picks_one_caption_per_visit(tok, tmp_path) -> None:
+    """json `captions` (COCO-style): each visit of a sample uses one of its captions, drawn by
+    the sample's RNG (so resume stays exact); a malformed list is a counted `bad_caption`."""
+    import json as _json
+
+    rng = np.random.default_rng(3)
+    samples = _samples("c", 16, rng)
+    for i, s in enumerate(samples):
+        del s["txt"]  # only the list: training used to skip these as missing_caption
+        s["json"] = _json.dumps({"captions": [f"a red thing {i}", f"a blue thing {i}",
+                                              f"a green thing {i}"]})
+    samples[7]["json"] = _json.dumps({"captions": []})  # malformed: counted, skipped
+    write_shards(samples, str(tmp_path), "c", 4)
+    pattern = os.path.join(str(tmp_path), "c-{000000..000003}.tar")
+    stream = TrainStream(_cfg(0, "epoch"), tok, 0, 1, pattern=pattern)
+    batches, _ = _take(stream, 3 * stream.batches_per_epoch)
+    seen: dict[str, set] = {}
+    for b in batches:
+        for key, row in zip(b["keys"], b["tokens"]):
+            seen.setdefault(key, set()).add(tok.decode(row.tolist()).split()[1])
+    assert "c-007" not in seen and stream.metrics()["data_skipped_bad_caption"] >= 1
+    assert all(colors <= {"red", "blue", "green"} for colors in seen.values())
+    assert len(set().union(*seen.values())) == 3  # every caption of the lists gets used
+    again, _ = _take(TrainStream(_cfg(0, "epoch"), tok, 0, 1, pattern=pattern), len(batches))
+    assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(batches, again))

@@ -5,8 +5,8 @@ batches per epoch never changes. Kinds (the metric is `data_skipped_<kind>`):
 
 - `corrupt_image`: the image bytes do not decode;
 - `missing_image`: no `jpg`/`jpeg`/`png`/`webp` member;
-- `missing_caption`: no `txt` member;
-- `bad_caption`: the caption is not UTF-8;
+- `missing_caption`: no `txt` member (and no json `captions` list);
+- `bad_caption`: the caption is not UTF-8, or the json `captions` list is malformed;
 - `truncated`: the tar ends inside a member or has a corrupt header (the sample being read is
   lost and the rest of that shard skipped).
 
@@ -17,6 +17,8 @@ consecutive bad samples in one worker (100,000 when that limit is 0, so an all-b
 hangs).
 """
 from __future__ import annotations
+
+import json
 
 from typing import Any
 
@@ -51,6 +53,25 @@ def image_bytes(sample: dict[str, Any]) -> bytes:
             return sample[ext]
     raise BadSample("missing_image", f"no image member (looked for {', '.join(IMAGE_EXTS)}; "
                                      f"has {sorted(k for k in sample if not k.startswith('__'))})")
+
+
+def caption_choices(sample: dict[str, Any]) -> list[str]:
+    """The captions a training sample may use: its json `captions` list (non-empty strings)
+    when it has one, else `[txt]`. BadSample (`bad_caption`) for an unreadable json or a
+    malformed list; `missing_caption` / `bad_caption` from `caption_text` otherwise."""
+    raw = sample.get("json")
+    if raw is not None and b'"captions"' in raw:  # parse only when a list may be there
+        try:
+            captions = json.loads(raw).get("captions")
+        except (ValueError, AttributeError) as exc:
+            raise BadSample("bad_caption", f"json with `captions` is not a JSON object "
+                                           f"({exc})") from None
+        if (not isinstance(captions, list) or not captions
+                or not all(isinstance(c, str) and c.strip() for c in captions)):
+            raise BadSample("bad_caption", "json `captions` must be a non-empty list of "
+                                           f"non-empty strings, got {captions!r:.120}")
+        return captions
+    return [caption_text(sample)]
 
 
 def caption_text(sample: dict[str, Any]) -> str:

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .badsamples import BadSample, SkipCounter, SkipTally, caption_text, describe, image_bytes
+from .badsamples import (BadSample, SkipCounter, SkipTally, caption_choices, describe,
+                         image_bytes)
 from .decode import decode_train
 from .evalstream import EvalStream, eval_batches, sample_caption, sample_image, sample_label
 from .sampling import AUG, SampleRngs, batches_per_slot, epoch_shards, epoch_stream, \
@@ -161,10 +162,13 @@ class _TrainShardDataset(IterableDataset):
                 tally.bad("truncated", f"shard {exc.url}, sample {exc.key or '?'}", str(exc))
             events.clear()
             try:
-                caption = caption_text(sample)
+                choices = caption_choices(sample)
+                rng = rngs(index)
                 images[len(keys)] = decode_train(image_bytes(sample), spec.image_size,
-                                                 spec.crop_scale_min, rngs(index),
-                                                 spec.fast_jpeg)
+                                                 spec.crop_scale_min, rng, spec.fast_jpeg)
+                # several captions (json `captions`): one per visit, drawn after the crop
+                caption = choices[int(rng.integers(len(choices)))] if len(choices) > 1 \
+                    else choices[0]
             except BadSample as exc:
                 tally.bad(exc.kind, describe(sample), str(exc))
                 continue
