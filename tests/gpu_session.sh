@@ -6,6 +6,7 @@
 #   bash tests/gpu_session.sh check       # GPU tests: kernel parity bf16/fp16, kernel on/off training
 #   bash tests/gpu_session.sh attention   # mmpretrain bench attention, every shape and backend
 #   bash tests/gpu_session.sh train       # bench train ViT-B/32, B/16, L/14 vs compiled OpenCLIP
+#   bash tests/gpu_session.sh memory      # ViT-g/14, ViT-bigG/14 with ZeRO-3 + offload + act. ckpt
 #   bash tests/gpu_session.sh all         # the three above (may not fit one 10-minute call)
 # Results land in $OUT (logs and JSON; at most 8 files come back).
 set -uo pipefail
@@ -45,10 +46,23 @@ train() {
   tail -c 3000 "$OUT/train.jsonl"
 }
 
+memory() {
+  for spec in "vit_g14 32" "vit_bigg14 16"; do
+    set -- $spec
+    $py -m mmpretrain.cli bench train --model "$1" --batch "$2" --zero 3 --steps 5 --warmup 2 \
+      --json engine.offload_optimizer=true model.activation_checkpointing=true \
+      > "$OUT/mem_$1.out" 2>> "$OUT/memory.log"
+    echo "bench train $1 rc=$?"
+    tail -n 1 "$OUT/mem_$1.out" >> "$OUT/memory.jsonl"
+    cat "$OUT/mem_$1.out" >> "$OUT/memory.log" && rm "$OUT/mem_$1.out"
+  done
+}
+
 case "$stage" in
   check) check ;;
   attention) attention ;;
   train) train ;;
+  memory) memory ;;
   all) check; attention; train ;;
-  *) echo "unknown stage $stage (check|attention|train|all)"; exit 2 ;;
+  *) echo "unknown stage $stage (check|attention|train|memory|all)"; exit 2 ;;
 esac

@@ -200,13 +200,15 @@ def test_fusion_config_errors_name_the_field() -> None:
         build_model(_cfg("model.fusion.width=50", "model.fusion.heads=4").model)
 
 
-@pytest.mark.parametrize("size,params", [("coca_vit_b16", 226_826_753),
-                                         ("coca_vit_l14", 581_960_449)])
-def test_coca_registry_sizes(size: str, params: int) -> None:
+@pytest.mark.parametrize("size,params", [
+    ("coca_vit_b16", 226_826_753), ("coca_vit_l14", 581_960_449),
+    # two-tower sizes: the parameter counts of OpenCLIP 3.3.0's ViT-H-14, ViT-g-14, ViT-bigG-14
+    ("vit_h14", 986_109_441), ("vit_g14", 1_366_678_273), ("vit_bigg14", 2_539_567_105)])
+def test_registry_sizes(size: str, params: int) -> None:
     cfg = load_config(None, [f"model.size={size}"])
     with torch.device("meta"):
         model = build_model(cfg.model)
-    assert isinstance(model, CoCa)
+    assert isinstance(model, CoCa) == size.startswith("coca")
     assert sum(p.numel() for p in model.parameters()) == params
 
 

@@ -41,6 +41,21 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
         "vision": {"image_size": 224, "patch_size": 14, "width": 1280, "layers": 32, "heads": 16},
         "text": _CLIP_TEXT_H,
     },
+    # The largest OpenCLIP sizes (head widths 88 and 104): for the one-GPU memory limits with
+    # ZeRO-3 + CPU offload + activation checkpointing (docs/PERFORMANCE.md).
+    "vit_g14": {
+        "embed_dim": 1024,
+        "vision": {"image_size": 224, "patch_size": 14, "width": 1408, "layers": 40, "heads": 16,
+                   "mlp_ratio": 4.3637},
+        "text": _CLIP_TEXT_H,
+    },
+    "vit_bigg14": {
+        "embed_dim": 1280,
+        "vision": {"image_size": 224, "patch_size": 14, "width": 1664, "layers": 48, "heads": 16,
+                   "mlp_ratio": 4.9231},
+        "text": {"vocab_size": 49408, "context_length": 77, "width": 1280, "layers": 32,
+                 "heads": 20},
+    },
 }
 
 
