@@ -279,3 +279,15 @@ def test_captions_list_picks_one_caption_per_visit(tok, tmp_path) -> None:
     assert len(set().union(*seen.values())) == 3  # every caption of the lists gets used
     again, _ = _take(TrainStream(_cfg(0, "epoch"), tok, 0, 1, pattern=pattern), len(batches))
     assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(batches, again))
+
+
+def test_truncated_shard_names_the_partial_sample(tmp_path) -> None:
+    from mmpretrain.data.shardlist import TruncatedShard, read_shard
+
+    path = _bad_shard(str(tmp_path))
+    with pytest.raises(TruncatedShard) as info:
+        list(read_shard(path))
+    assert info.value.key == "bad-007" and info.value.url == path
+    seen: list[str] = []
+    keys = [s["__key__"] for s in read_shard(path, on_truncated=lambda e: seen.append(e.key))]
+    assert keys == [f"bad-{i:03d}" for i in range(7)] and seen == ["bad-007"]

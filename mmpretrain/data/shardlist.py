@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from .shards import MANIFEST_NAME, count_tar_samples, expand_pattern, iter_tar_members, \
-    split_member_name
+from .shards import (MANIFEST_NAME, TarReadError, count_tar_samples, expand_pattern,
+                     iter_tar_samples)
 
 PIPE = "pipe:"
 
@@ -190,22 +190,11 @@ def resolve_sources(spec: str, weights: list[float] | None = None,
 
 
 def _tar_samples(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
-    """Samples of a tar stream (members grouped by key); raises TruncatedShard."""
-    current: dict[str, Any] | None = None
+    """Samples of a tar stream (`iter_tar_samples`); a broken stream raises TruncatedShard."""
     try:
-        for name, data in iter_tar_members(stream, url):
-            key, ext = split_member_name(name)
-            if not ext:
-                continue
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": url}
-            current[ext] = data
-    except ValueError as exc:  # the partial sample being read is dropped
-        raise TruncatedShard(str(exc), url, current["__key__"] if current else "") from exc
-    if current is not None:
-        yield current
+        yield from iter_tar_samples(stream, url)
+    except TarReadError as exc:  # the partial sample being read is dropped
+        raise TruncatedShard(str(exc), url, exc.key) from exc
 
 
 def _pipe_error(command: str, status: int, stderr: IO[bytes]) -> ShardReadError:

@@ -310,23 +310,37 @@ def iter_tar_members(stream: IO[bytes], url: str = "") -> Iterator[tuple[str, by
             long_name = None
 
 
+class TarReadError(ValueError):
+    """A tar stream ended inside a member or had a corrupt header; `key` is the sample being
+    assembled when it broke (that partial sample is dropped), '' before the first."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def iter_tar_samples(stream: IO[bytes], url: str = "") -> Iterator[dict[str, Any]]:
     """Raw samples of a tar stream: dicts of `__key__`, `__url__` and `ext -> bytes`.
 
     Consecutive members with the same key form a sample (the WebDataset convention). Reads
     sequentially, so it works on pipes as well as files. Members whose name has no extension are
-    skipped.
+    skipped. A broken stream raises `TarReadError` naming the partial sample.
     """
     current: dict[str, Any] | None = None
-    for name, data in iter_tar_members(stream, url):
-        key, ext = split_member_name(name)
-        if not ext:
-            continue
-        if current is None or current["__key__"] != key:
-            if current is not None:
-                yield current
-            current = {"__key__": key, "__url__": url}
-        current[ext] = data
+    try:
+        for name, data in iter_tar_members(stream, url):
+            key, ext = split_member_name(name)
+            if not ext:
+                continue
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            current[ext] = data
+    except TarReadError:
+        raise
+    except ValueError as exc:
+        raise TarReadError(str(exc), current["__key__"] if current else "") from exc
     if current is not None:
         yield current
 
