@@ -21,8 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from mmpretrain.config.schema import FusionConfig, ModelConfig
 from mmpretrain.kernels import attention
-from mmpretrain.model.layers import (MLP, KVCache, LayerNorm, SelfAttention, init_normal_,
-                                     init_zeros_)
+from mmpretrain.model.layers import (MLP, KVCache, LayerNorm, SelfAttention, init_mlp_,
+                                     init_normal_, init_self_attention_, init_zeros_)
 
 MemoryKV = list[tuple[torch.Tensor, torch.Tensor]]
 """Per decoder block, the cross-attention keys and values of the memory, (B, H, M, Dh) each."""
@@ -163,13 +163,9 @@ class MultimodalDecoder(nn.Module):
             init_normal_(self.input_proj.weight, std=std)
         for block in self.blocks:
             assert isinstance(block, DecoderBlock)
-            init_normal_(block.attn.qkv.weight, std=std)
-            init_zeros_(block.attn.qkv.bias)
-            init_normal_(block.attn.proj.weight, std=proj_std)
-            init_zeros_(block.attn.proj.bias)
+            init_self_attention_(block.attn, std, proj_std)
             block.cross.init_weights(std, proj_std)
-            init_normal_(block.mlp.fc1.weight, std=(2 * self.width) ** -0.5)
-            init_normal_(block.mlp.fc2.weight, std=proj_std)
+            init_mlp_(block.mlp, (2 * self.width) ** -0.5, proj_std)
         init_normal_(self.lm_head.weight, std=std)
 
     def memory(self, image_tokens: torch.Tensor) -> torch.Tensor:

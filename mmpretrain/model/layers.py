@@ -191,12 +191,21 @@ class Transformer(nn.Module):
         """
         attn_std = self.width ** -0.5
         proj_std = attn_std * (2 * self.layers) ** -0.5
-        fc_std = (2 * self.width) ** -0.5
         for block in self.blocks:
             assert isinstance(block, Block)
-            init_normal_(block.attn.qkv.weight, std=attn_std)
-            init_zeros_(block.attn.qkv.bias)
-            init_normal_(block.attn.proj.weight, std=proj_std)
-            init_zeros_(block.attn.proj.bias)
-            init_normal_(block.mlp.fc1.weight, std=fc_std)
-            init_normal_(block.mlp.fc2.weight, std=proj_std)
+            init_self_attention_(block.attn, attn_std, proj_std)
+            init_mlp_(block.mlp, (2 * self.width) ** -0.5, proj_std)
+
+
+def init_self_attention_(attn: SelfAttention, std: float, proj_std: float) -> None:
+    """QKV weights normal(std), output projection normal(proj_std), both biases zero."""
+    init_normal_(attn.qkv.weight, std=std)
+    init_zeros_(attn.qkv.bias)
+    init_normal_(attn.proj.weight, std=proj_std)
+    init_zeros_(attn.proj.bias)
+
+
+def init_mlp_(mlp: MLP, fc_std: float, proj_std: float) -> None:
+    """fc1 weight normal(fc_std), fc2 weight normal(proj_std); biases keep nn.Linear's."""
+    init_normal_(mlp.fc1.weight, std=fc_std)
+    init_normal_(mlp.fc2.weight, std=proj_std)
