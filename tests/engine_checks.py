@@ -131,7 +131,7 @@ def check_nonfinite(out: str) -> dict:
             stopped = str(e)
         result[stage] = {"skipped": summary["skipped_steps"], "unchanged_on_skip": same,
                          "moved_after": moved, "finite": finite, "stopped": stopped,
-                         "checkpoint": t.ckpt.has_step(5)}
+                         "checkpoint": t.ckpt.has_step(t.step), "stop_step": t.step}
     return result
 
 

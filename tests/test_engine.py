@@ -52,6 +52,9 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path: Path) -> None:
         assert s["skipped"] == 1 and s["unchanged_on_skip"] and s["moved_after"], s
         assert s["finite"], s
         assert s["stopped"] and "optim.max_skipped_steps=2" in s["stopped"], s
+        # NaN from step 3: the third skip in a row (step 5) passes the limit. Flags are read
+        # a step late except on log/save/eval steps; step 5 logs (log_every 5): stop there
+        assert "up to step 5" in s["stopped"] and s["stop_step"] == 5, s
         assert s["checkpoint"], s
 
 

@@ -14,8 +14,9 @@ from torch import nn
 from mmpretrain.config.load import load_config
 from mmpretrain.config.schema import OptimConfig
 from mmpretrain.engine.ds_config import build_ds_config, precision_dtype, resolve_precision
-from mmpretrain.engine.optim import (build_optimizer, build_scheduler, lr_factor, no_decay,
-                                     param_groups)
+from mmpretrain.engine.optim import (AdamWSkipNonFinite, build_optimizer, build_scheduler,
+                                     lr_factor, no_decay, param_groups)
+from mmpretrain.engine.stepflags import LaggedFlags, StepFlags
 from mmpretrain.logging import metrics
 from mmpretrain.logging.metrics import (JsonlWriter, StepMeter, format_metrics, peak_memory_gb,
                                         read_jsonl)
@@ -97,6 +98,47 @@ def test_build_optimizer_cpu(tiny_model: nn.Module) -> None:
     for g in opt.param_groups:
         assert g["lr"] == 3e-4 and g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8
         assert not g["fused"]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_nonfinite_step_is_skipped_on_device_or_host(fused: bool) -> None:
+    """A NaN gradient leaves weights, moments and the step count untouched; the next finite
+    step updates. Fused: the flag reaches the kernel as `found_inf` (the CUDA path, no host
+    read); the fused CPU kernel takes the same argument, so the path is tested here."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    kwargs = {"fused": True} if fused else {"foreach": False}
+    opt = AdamWSkipNonFinite(model.parameters(), lr=0.1, weight_decay=0.1, **kwargs)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    model.weight.grad[0, 0] = float("nan")
+    opt.step()
+    assert opt.skip_flag is not None and opt.skip_flag.shape == () and opt.skip_flag.item() == 1
+    assert not hasattr(opt, "found_inf")  # never left behind for a later step
+    after = (model.state_dict(), opt.state_dict())
+    for k, v in before[0].items():
+        assert torch.equal(v, after[0][k]), k
+    for i, st in before[1]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, after[1]["state"][i][k]), (i, k)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.skip_flag.item() == 0
+    assert not torch.equal(model.weight, before[0]["weight"])
+    assert all(float(st["step"]) == 2 for st in opt.state.values())
+
+
+def test_lagged_flags_read_one_step_late() -> None:
+    flags = LaggedFlags(CPU, world=1)
+    assert flags.push(1, torch.zeros(()), stop=False) == []
+    assert flags.push(2, torch.ones(()), stop=False) == [StepFlags(1, False, False)]
+    # None: the optimizer was not called (DeepSpeed's fp16 overflow skip) -> skipped
+    assert flags.push(3, None, stop=True) == [StepFlags(2, True, False)]
+    assert flags.drain() == [StepFlags(3, True, True)]
+    assert flags.drain() == []
 
 
 # ---- learning-rate schedule --------------------------------------------------------------------

@@ -104,7 +104,8 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path: Path, reference:
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_preemption_signal_saves_and_exits_zero(tmp_path: Path, reference: dict,
                                                 sig: signal.Signals) -> None:
-    """The signal reaches one rank only; every rank saves at the next step and exits 0."""
+    """The signal reaches one rank only; every rank saves within two steps (the stop flag is
+    read a step late) and exits 0."""
     proc = _start(tmp_path, "preempted")
     _wait_for_step(tmp_path / "preempted", 5, proc)
     os.kill(_children(proc.pid)[0], sig)

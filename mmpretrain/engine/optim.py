@@ -34,22 +34,35 @@ class AdamWSkipNonFinite(torch.optim.AdamW):
 
     DeepSpeed calls this optimizer's `step()` on every rank (on each rank's partition under
     ZeRO), so the decision is agreed with an all-reduce: one bad shard skips the step
-    everywhere. `skipped_last_step` tells the trainer. (ZeRO's own overflow check only runs
-    for fp16; for fp32/bf16 a NaN would otherwise reach the weights.)
+    everywhere. (ZeRO's own overflow check only runs for fp16; for fp32/bf16 a NaN would
+    otherwise reach the weights.)
+
+    `skip_flag` is the last step's agreed flag, a float tensor of shape () (1.0 = skipped) on
+    the flag device. With the fused kernel and the flag on the parameters' device (CUDA
+    without CPU offload), the flag goes to the kernel as `found_inf`, which skips the update
+    and the step count on the device: no host sync in the step. Otherwise the flag is read on
+    the host (cheap on CPU; with CPU offload the update waits for the gradients anyway).
+    The trainer reads `skip_flag` one step late (`engine/stepflags.py`).
     """
 
-    skipped_last_step = False
+    skip_flag: torch.Tensor | None = None
 
     def step(self, closure=None):  # type: ignore[override]
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        bad = torch.zeros(1, device=_flag_device(grads))
+        bad = torch.zeros((), device=_flag_device(grads))
         if grads:
             bad += (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float().to(
                 bad.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        self.skipped_last_step = bool(bad.item() > 0)
-        if self.skipped_last_step:
+        self.skip_flag = bad
+        if self.defaults.get("fused") and all(g.device == bad.device for g in grads):
+            self.found_inf = bad  # read by the fused kernel (torch.optim.Adam.step)
+            try:
+                return super().step(closure)
+            finally:
+                del self.found_inf
+        if bad.item() > 0:
             return None
         return super().step(closure)
 

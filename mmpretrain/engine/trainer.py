@@ -19,6 +19,7 @@ from mmpretrain.engine.dist import detect_env, init_distributed
 from mmpretrain.engine.ds_config import build_ds_config, resolve_precision
 from mmpretrain.engine.errors import NonFiniteTrainingError
 from mmpretrain.engine.optim import build_optimizer, build_scheduler
+from mmpretrain.engine.stepflags import LaggedFlags, StepFlags
 from mmpretrain.logging.flops import flops_metrics, peak_tflops, train_flops_per_sample
 from mmpretrain.logging.metrics import JsonlWriter, StepMeter, format_metrics, peak_memory_gb
 from mmpretrain.model.task import FeatureCache, build_task
@@ -54,6 +55,8 @@ class Trainer:
         self._grad_norm: float | None = None
         self.skipped_steps = 0
         self._skipped_in_a_row = 0
+        self._stop_seen = False
+        self._too_many_skipped: tuple[int, int] | None = None  # (step, run length) past limit
         self._last_eval: tuple[int, dict[str, Any]] = (-1, {})
         self._prepare_run_dir()
         self._build()
@@ -97,7 +100,8 @@ class Trainer:
         self.jsonl = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
         self.global_batch = cfg.data.batch_size * cfg.engine.grad_accum * self.world
         self.train_flops = train_flops_per_sample(cfg.model)  # model FLOPs of one sample
-        self.peak_tflops = peak_tflops(self.device)  # None: unknown, no `mfu` logged
+        self.peak_tflops = peak_tflops(self.device)
+        self._flags = LaggedFlags(self.device, self.world)  # None: unknown, no `mfu` logged
 
     def _build_model(self, ds_cfg: dict) -> torch.nn.Module:
         """Build the model; under ZeRO-3 inside `zero.Init`, so no rank ever holds all weights
@@ -159,6 +163,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint the engine, the data stream position and the counters."""
+        self._settle(self._flags.drain())  # exact skipped_steps in the checkpoint
         client = {"step": self.step, "samples_seen": self.samples_seen,
                   "skipped_steps": self.skipped_steps,
                   "data": self.stream.state_dict(), "config_hash": config_hash(self.cfg)}
@@ -181,6 +186,7 @@ class Trainer:
         micro-batch is recomputed with grad against the cached negatives, so the loss and its
         gradient equal those of one big batch (the logit scale's gradient is taken once)."""
         eng = self.engine
+        self._client_optimizer.skip_flag = None  # stays None if DeepSpeed skips the step (fp16)
         inputs = [self._to_device(b) for b in micro_batches]
         cache = None
         if len(inputs) > 1:
@@ -232,12 +238,20 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, request_stop)
 
-    def _stop_requested(self) -> bool:
-        """True on every rank when any rank received SIGTERM/SIGUSR1 (agreed collectively)."""
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
-        if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(flag)
-        return flag.item() > 0
+    def _settle(self, flags: list[StepFlags]) -> None:
+        """Count skipped steps and note stop requests from steps the host has now read."""
+        for f in flags:
+            self._stop_seen = self._stop_seen or f.stop
+            if not f.skipped:
+                self._skipped_in_a_row = 0
+                continue
+            self.skipped_steps += 1
+            self._skipped_in_a_row += 1
+            log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", f.step,
+                        self._skipped_in_a_row)
+            if (self._skipped_in_a_row > self.cfg.optim.max_skipped_steps
+                    and self._too_many_skipped is None):
+                self._too_many_skipped = (f.step, self._skipped_in_a_row)
 
     def _mean_losses(self, loss_sum: dict[str, torch.Tensor], n: int) -> dict[str, float]:
         """Mean of each loss over the window's steps and the ranks (one all_reduce)."""
@@ -333,13 +347,9 @@ class Trainer:
         self.step += 1
         self.samples_seen += self.global_batch
         self._meter.update(self.global_batch, data_time)
-        if not self._client_optimizer.skipped_last_step:
-            self._skipped_in_a_row = 0
-        else:
-            self.skipped_steps += 1
-            self._skipped_in_a_row += 1
-            log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", self.step,
-                        self._skipped_in_a_row)
+        # This step's flags are read after the next step is queued (no host sync per step).
+        self._settle(self._flags.push(self.step, self._client_optimizer.skip_flag,
+                                      self._stop_signal is not None))
 
     def run_steps(self, n: int, batches: Any = None) -> tuple[StepMeter, dict[str, torch.Tensor]]:
         """Take `n` optimizer steps and nothing else (no resume, logging, signal checks,
@@ -356,20 +366,32 @@ class Trainer:
             self._one_step(batches)
         return self._meter, self._loss_sum
 
+    def _decision_step(self) -> bool:
+        """Whether this step logs, saves, evaluates or ends the run: the steps at which every
+        flag so far is read, so counters and stop decisions are exact where they are used."""
+        cfg, step = self.cfg, self.step
+        return (self._log_now or step >= cfg.optim.steps
+                or bool(cfg.optim.stop_after and step >= cfg.optim.stop_after)
+                or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+                or bool(cfg.eval.every and step % cfg.eval.every == 0))
+
     def _after_step(self) -> str:
         """Logging, signals, stops, checkpoints and evals after a step; returns the status."""
         cfg = self.cfg
+        if self._decision_step():
+            self._settle(self._flags.drain())  # this step's flags too (a host sync, only here)
         if self._log_now:
             self._log(self._loss_sum, self._n_loss, self._meter, self._wandb)
             self._loss_sum, self._n_loss = {}, 0
-        if self._skipped_in_a_row > cfg.optim.max_skipped_steps:
-            self.save()  # skipped steps changed no weights: this is the last good state
+        if self._too_many_skipped is not None:
+            self.save()  # skipped steps change no weights: these are the last good ones
             raise NonFiniteTrainingError(
-                f"{self._skipped_in_a_row} steps in a row had a non-finite loss or gradient "
-                f"(limit optim.max_skipped_steps={cfg.optim.max_skipped_steps}); stopped at "
-                f"step {self.step} with a checkpoint of the last good weights in "
+                f"{self._too_many_skipped[1]} steps in a row up to step "
+                f"{self._too_many_skipped[0]} had a non-finite loss or gradient (limit "
+                f"optim.max_skipped_steps={cfg.optim.max_skipped_steps}); stopped at step "
+                f"{self.step} with a checkpoint of the last good weights in "
                 f"{self.ckpt.dir}. Lower optim.lr or check the data.")
-        if self._stop_requested():
+        if self._stop_seen:
             log.warning("stop signal received: saving at step %d and exiting", self.step)
             self.save()
             return "preempted"
