@@ -157,21 +157,29 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_attention(args: argparse.Namespace) -> int:
-    """Time the Triton attention kernel against SDPA backends and FlexAttention (CUDA only)."""
+    """Time the Triton attention kernel against SDPA backends and FlexAttention, or (--sweep)
+    sweep its tile sizes (CUDA only)."""
     import torch
 
-    from mmpretrain.kernels.bench import bench_attention, format_table, write_json
+    from mmpretrain.kernels import bench
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    warmup = args.warmup if args.warmup is not None else (5 if args.sweep else 10)
+    iters = args.iters if args.iters is not None else (20 if args.sweep else 50)
+    shapes = args.shapes.split(",")
     try:
-        records = bench_attention(args.shapes.split(","), args.impls.split(","), dtype,
-                                  args.warmup, args.iters)
+        if args.sweep:
+            records = bench.sweep_tiles(  # progress on stderr: partial results if killed
+                shapes, dtype, warmup=warmup, iters=iters,
+                progress=lambda r: print(bench.progress_line(r), file=sys.stderr, flush=True))
+        else:
+            records = bench.bench_attention(shapes, args.impls.split(","), dtype, warmup, iters)
     except (RuntimeError, ValueError) as e:
         print(f"mmpretrain bench attention: error: {e}", file=sys.stderr)
         return 2
-    print(format_table(records))
+    print(bench.format_best(records) if args.sweep else bench.format_table(records))
     if args.json:
-        write_json(records, args.json)
+        bench.write_json(records, args.json)
     return 0
 
 
@@ -182,8 +190,12 @@ def _add_bench_attention_parser(bsub: argparse._SubParsersAction) -> None:
     b.add_argument("--shapes", default=",".join(SHAPES), help=f"subset of {list(SHAPES)}")
     b.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {list(IMPLS)}")
     b.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    b.add_argument("--warmup", type=int, default=10)
-    b.add_argument("--iters", type=int, default=50, help="timed runs; the median is reported")
+    b.add_argument("--warmup", type=int, default=None, help="untimed runs (default 10; sweep 5)")
+    b.add_argument("--iters", type=int, default=None,
+                   help="timed runs; the median is reported (default 50; sweep 20)")
+    b.add_argument("--sweep", action="store_true",
+                   help="instead of the comparison: sweep the Triton kernel's tile sizes per "
+                   "shape (fwd, then fwd+bwd with the best fwd fixed); prints the best configs")
     b.add_argument("--json", default="", help="also write the records to this JSON file")
     b.set_defaults(func=cmd_bench_attention)
 

@@ -5,6 +5,7 @@
 # On the device machine (the `run` tool, carry [".whl"]), one stage per call:
 #   bash tests/gpu_session.sh check       # GPU tests: kernel parity bf16/fp16, kernel on/off training
 #   bash tests/gpu_session.sh attention   # mmpretrain bench attention, every shape and backend
+#   bash tests/gpu_session.sh tiles       # bench attention --sweep: Triton tile sizes per shape
 #   bash tests/gpu_session.sh train       # bench train ViT-B/32, B/16, L/14 vs compiled OpenCLIP
 #   bash tests/gpu_session.sh memory      # ViT-g/14, ViT-bigG/14 with ZeRO-3 + offload + act. ckpt
 #   bash tests/gpu_session.sh all         # the three above (may not fit one 10-minute call)
@@ -31,6 +32,12 @@ attention() {
   $py -m mmpretrain.cli bench attention --json "$OUT/attention.json" \
     > "$OUT/attention.txt" 2>&1
   echo "bench attention rc=$?"; cat "$OUT/attention.txt" | tail -30
+}
+
+tiles() {
+  $py -m mmpretrain.cli bench attention --sweep --json "$OUT/tiles.json" \
+    > "$OUT/tiles.txt" 2>&1
+  echo "bench attention --sweep rc=$?"; cat "$OUT/tiles.txt" | tail -30
 }
 
 train() {
@@ -61,8 +68,9 @@ memory() {
 case "$stage" in
   check) check ;;
   attention) attention ;;
+  tiles) tiles ;;
   train) train ;;
   memory) memory ;;
   all) check; attention; train ;;
-  *) echo "unknown stage $stage (check|attention|train|memory|all)"; exit 2 ;;
+  *) echo "unknown stage $stage (check|attention|tiles|train|memory|all)"; exit 2 ;;
 esac

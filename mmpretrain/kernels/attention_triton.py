@@ -13,12 +13,17 @@ True = attend, fully masked rows -> 0 output and 0 grads, scale defaults to D **
   and returned as (B, H, S, D) views, so the caller's transpose + reshape is free.
 * On CPU the kernels run only under Triton's interpreter (`TRITON_INTERPRET=1` set before
   triton is imported); there bf16 `tl.dot` is wrong (Triton 3.9), fp16/fp32 are correct.
+* Tiles: `_fwd_blocks` / `_bwd_blocks` heuristics (32x32 under the interpreter) unless
+  `tile_override` / `set_tile_override` replaces them (the sweep in `kernels/bench.py`).
+  Overrides are process-wide, not per thread: the backward runs on autograd's threads.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -79,6 +84,53 @@ class _Blocks:
     stages: int = 2
 
 
+Blocks = _Blocks  # public name, for `tile_override` callers
+VALID_WARPS = (1, 2, 4, 8, 16)
+_OVERRIDE_KEYS = ("fwd", "bwd_kv", "bwd_q")
+_override: dict[str, _Blocks | None] = dict.fromkeys(_OVERRIDE_KEYS)
+_POW2 = (lambda v: v >= 16 and v & (v - 1) == 0, "a power of two >= 16 (tl.dot minimum)")
+_CHECKS = {"m": _POW2, "n": _POW2, "warps": (lambda v: v in VALID_WARPS, f"one of {VALID_WARPS}"),
+           "stages": (lambda v: v >= 1, "an int >= 1")}
+
+
+def _validate_blocks(name: str, blocks: object) -> None:
+    """Raise ValueError naming the bad field (e.g. `fwd.m`) unless `blocks` is launchable."""
+    if not isinstance(blocks, _Blocks):
+        raise ValueError(f"tile override {name} must be a Blocks(m, n, warps, stages) or None, "
+                         f"got {type(blocks).__name__}")
+    for field, (ok, what) in _CHECKS.items():
+        val = getattr(blocks, field)
+        if isinstance(val, bool) or not isinstance(val, int) or not ok(val):
+            raise ValueError(f"tile override {name}.{field} must be {what}, got {val!r}")
+
+
+def set_tile_override(fwd: _Blocks | None = None, bwd_kv: _Blocks | None = None,
+                      bwd_q: _Blocks | None = None) -> dict[str, _Blocks | None]:
+    """Replace the tile heuristics: `fwd` (forward), `bwd_kv` (dK/dV kernel: n = key block,
+    m = inner query block), `bwd_q` (dQ kernel and the delta preprocess: m = query block).
+
+    None restores the heuristic for that kernel. All three are validated before any is set
+    (ValueError naming the field). Returns the previous overrides (to restore them later).
+    """
+    new = dict(zip(_OVERRIDE_KEYS, (fwd, bwd_kv, bwd_q)))
+    for name in (n for n, b in new.items() if b is not None):
+        _validate_blocks(name, new[name])
+    previous = dict(_override)
+    _override.update(new)
+    return previous
+
+
+@contextlib.contextmanager
+def tile_override(fwd: _Blocks | None = None, bwd_kv: _Blocks | None = None,
+                  bwd_q: _Blocks | None = None) -> Iterator[None]:
+    """`set_tile_override` inside a `with` block (forward and backward); restores on exit."""
+    previous = set_tile_override(fwd, bwd_kv, bwd_q)
+    try:
+        yield
+    finally:
+        _override.update(previous)
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(4, (x - 1).bit_length())  # at least 16 (tl.dot minimum)
 
@@ -100,6 +152,17 @@ def _bwd_blocks(block_d: int) -> tuple[_Blocks, _Blocks]:
     if block_d <= 64:
         return _Blocks(32, 128, warps=4, stages=2), _Blocks(128, 32, warps=4, stages=2)
     return _Blocks(32, 64, warps=4, stages=2), _Blocks(64, 32, warps=4, stages=2)
+
+
+def _fwd_tiles(sq: int, block_d: int) -> _Blocks:
+    """The forward tiles actually launched: the override if set, else the heuristic."""
+    return _override["fwd"] or _fwd_blocks(sq, block_d)
+
+
+def _bwd_tiles(block_d: int) -> tuple[_Blocks, _Blocks]:
+    """The (dK/dV, dQ) tiles actually launched: overrides where set, else the heuristic."""
+    kv_cfg, q_cfg = _bwd_blocks(block_d)
+    return _override["bwd_kv"] or kv_cfg, _override["bwd_q"] or q_cfg
 
 
 def _mask_arg(key_padding_mask: torch.Tensor | None, q: torch.Tensor,
@@ -135,7 +198,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tenso
     o = _empty_bhsd(batch, heads, sq, dim, q)  # (B, H, Sq, D)
     lse = torch.empty(batch, heads, sq, dtype=torch.float32, device=q.device)  # (B, H, Sq)
     block_d = _next_pow2(dim)
-    cfg = _fwd_blocks(sq, block_d)
+    cfg = _fwd_tiles(sq, block_d)
     grid = ((sq + cfg.m - 1) // cfg.m, batch * heads)
     mask_t, smb, smn = _mask_launch_args(kpm, lse)
     _attn_fwd[grid](
@@ -155,7 +218,7 @@ def _backward(saved: tuple, do: torch.Tensor, grads: tuple, kpm: torch.Tensor | 
     batch, heads, sq, dim = q.shape
     sk = k.shape[2]
     block_d = _next_pow2(dim)
-    kv_cfg, q_cfg = _bwd_blocks(block_d)
+    kv_cfg, q_cfg = _bwd_tiles(block_d)
     delta = torch.empty_like(lse)  # (B, H, Sq) fp32
     _attn_bwd_preprocess[((sq + q_cfg.m - 1) // q_cfg.m, batch * heads)](
         o, do, delta, *o.stride(), *do.stride(), heads, sq,

@@ -1,0 +1,310 @@
+"""Tile overrides of the Triton attention kernel and the tile sweep of `bench attention --sweep`.
+
+* Overrides on CPU: this file doubles as a script run under TRITON_INTERPRET=1 (it must be set
+  before triton is imported, so in a subprocess); it launches forward + backward with several
+  overrides, records the launched tiles and compares with the float64 reference using the
+  tolerances of `tests/triton_checks.py`.
+* Validation, candidate generation, best selection and the table run in-process with a fake
+  timer (no CUDA, no Triton launch); the CLI without CUDA must fail with a clear message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import REPO, clean_env
+from mmpretrain.kernels import attention_triton as at
+from mmpretrain.kernels import bench
+from mmpretrain.kernels.attention_triton import Blocks, set_tile_override, tile_override
+
+pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+B, H, SQ, SK, D = 1, 2, 40, 40, 32  # tiny: the interpreter is slow
+# name -> (tile_override kwargs, expected launched (BLOCK_M, BLOCK_N) of fwd, dkdv, dq)
+OVERRIDES: dict[str, tuple[dict, dict]] = {
+    "default": ({}, {"fwd": (32, 32), "dkdv": (32, 32), "dq": (32, 32)}),
+    "16x16": ({"fwd": Blocks(16, 16), "bwd_kv": Blocks(16, 16, warps=2),
+               "bwd_q": Blocks(16, 16, stages=3)},
+              {"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)}),
+    "32x64": ({"fwd": Blocks(32, 64, warps=8), "bwd_kv": Blocks(16, 64),
+               "bwd_q": Blocks(64, 32)},
+              {"fwd": (32, 64), "dkdv": (16, 64), "dq": (64, 32)}),
+}
+
+
+# ---------------------------------------------------------------- interpreter (subprocess)
+
+class _Spy:
+    """Stands in for a `@triton.jit` kernel: records each launch's grid and tiles, then runs it."""
+
+    def __init__(self, kernel: object, calls: list[dict]) -> None:
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid: tuple):  # noqa: ANN204
+        def launch(*args: object, **kwargs: object) -> object:
+            self.calls.append({"grid": list(grid), **{k: kwargs.get(k) for k in (
+                "BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}})
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _run_case(override: dict, dtype: torch.dtype, packed: bool) -> dict:
+    """Causal, padded forward + backward under `override`; launched tiles and errors."""
+    from mmpretrain.kernels import attention, attention_packed, triton_bwd, triton_fwd
+    from triton_checks import _reference, _rel_err
+
+    calls: dict[str, list[dict]] = {}
+    names = {"fwd": (triton_fwd, "_attn_fwd"), "dkdv": (triton_bwd, "_attn_bwd_dkdv"),
+             "dq": (triton_bwd, "_attn_bwd_dq"), "pre": (triton_bwd, "_attn_bwd_preprocess")}
+    originals = {key: getattr(mod, attr) for key, (mod, attr) in names.items()}
+    for key, (mod, attr) in names.items():
+        setattr(mod, attr, _Spy(originals[key], calls.setdefault(key, [])))
+    gen = torch.Generator().manual_seed(0)
+    kpm = torch.arange(SK)[None] < torch.tensor([SK - 7])[:, None]  # (B, Sk): 7 padded keys
+    try:
+        with tile_override(**override):
+            if packed:
+                qkv = torch.randn(B, SQ, 3, H, D, generator=gen).to(dtype).requires_grad_()
+                out = attention_packed(qkv, causal=True, key_padding_mask=kpm,
+                                       impl="triton").transpose(1, 2)  # (B, H, S, D)
+                q, k, v = qkv.detach().permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, D)
+            else:
+                q, k, v = (torch.randn(B, H, s, D, generator=gen).to(dtype).requires_grad_()
+                           for s in (SQ, SK, SK))
+                out = attention(q, k, v, causal=True, key_padding_mask=kpm, impl="triton")
+            do = torch.randn(out.shape, generator=gen).to(dtype)  # (B, H, Sq, D)
+            out.backward(do)
+    finally:
+        for key, (mod, attr) in names.items():
+            setattr(mod, attr, originals[key])
+    grads = (qkv.grad.permute(2, 0, 3, 1, 4).unbind(0) if packed
+             else (q.grad, k.grad, v.grad))
+    ref = _reference(q, k, v, do, True, kpm)
+    errs = {n: _rel_err(x, r) for n, x, r in zip(("out", "dq", "dk", "dv"), (out, *grads), ref)}
+    return {"calls": calls, "errs": errs, "restored": at._override == dict.fromkeys(
+        ("fwd", "bwd_kv", "bwd_q"))}
+
+
+def _interpreter_main() -> int:
+    """Print one JSON line {dtype: {case: {calls, errs, restored}}, "tolerance": {...}}."""
+    from triton_checks import TOLERANCE
+
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    report: dict = {"tolerance": TOLERANCE}
+    for dtype_name in ("float32", "float16"):
+        dtype = getattr(torch, dtype_name)
+        report[dtype_name] = {name: _run_case(ov, dtype, False)
+                              for name, (ov, _) in OVERRIDES.items()}
+        report[dtype_name]["32x64_packed"] = _run_case(OVERRIDES["32x64"][0], dtype, True)
+    print(json.dumps(report))
+    return 0
+
+
+@pytest.fixture(scope="module")
+def interp_report() -> dict:
+    proc = subprocess.run([sys.executable, __file__], cwd=REPO,
+                          env=clean_env(TRITON_INTERPRET="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_override_changes_launched_tiles(interp_report: dict, dtype: str) -> None:
+    cases = interp_report[dtype]
+    for name, (override, expected) in [*OVERRIDES.items(), ("32x64_packed", OVERRIDES["32x64"])]:
+        calls = cases[name]["calls"]
+        for kernel, (m, n) in expected.items():
+            assert len(calls[kernel]) == 1, (name, kernel, calls)
+            launch = calls[kernel][0]
+            assert (launch["BLOCK_M"], launch["BLOCK_N"]) == (m, n), (name, kernel, launch)
+            rows, blk = (SK, n) if kernel == "dkdv" else (SQ, m)  # dkdv: grid over key blocks
+            assert launch["grid"] == [-(-rows // blk), B * H], (name, kernel, launch)
+        assert calls["pre"][0]["BLOCK_M"] == expected["dq"][0]  # delta uses the dQ row block
+        for key, kernel in (("fwd", "fwd"), ("bwd_kv", "dkdv"), ("bwd_q", "dq")):
+            if key in override:
+                assert calls[kernel][0]["num_warps"] == override[key].warps
+                assert calls[kernel][0]["num_stages"] == override[key].stages
+        assert cases[name]["restored"], f"{name}: override not restored after the with block"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_override_matches_reference(interp_report: dict, dtype: str) -> None:
+    tol = interp_report["tolerance"][dtype]
+    for name, case in interp_report[dtype].items():
+        assert max(case["errs"].values()) <= tol, (name, case["errs"])
+
+
+# ---------------------------------------------------------------- validation (in-process)
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"fwd": Blocks(24, 32)}, "fwd.m"),
+    ({"fwd": Blocks(8, 32)}, "fwd.m"),
+    ({"bwd_kv": Blocks(32, 48)}, "bwd_kv.n"),
+    ({"bwd_q": Blocks(32, 32, warps=3)}, "bwd_q.warps"),
+    ({"bwd_q": Blocks(32, 32, warps=32)}, "bwd_q.warps"),
+    ({"fwd": Blocks(32, 32, stages=0)}, "fwd.stages"),
+    ({"fwd": Blocks(32, 32, stages=2.0)}, "fwd.stages"),  # type: ignore[arg-type]
+    ({"bwd_kv": Blocks(True, 32)}, "bwd_kv.m"),  # type: ignore[arg-type]
+    ({"fwd": (64, 64)}, "fwd"),
+])
+def test_invalid_override_names_the_field(kwargs: dict, field: str) -> None:
+    before = dict(at._override)
+    with pytest.raises(ValueError, match=rf"tile override {field}\b"):
+        set_tile_override(**{"bwd_q": Blocks(16, 16), **kwargs})  # a valid one is not set
+    with pytest.raises(ValueError, match=rf"{field}\b"):
+        with tile_override(**kwargs):
+            pass
+    assert at._override == before
+
+
+def test_override_state_and_restore() -> None:
+    fwd = Blocks(64, 32, warps=2, stages=1)
+    assert at._fwd_tiles(197, 64) == at._fwd_blocks(197, 64)
+    with tile_override(fwd=fwd, bwd_q=Blocks(16, 16)):
+        assert at._fwd_tiles(197, 64) == fwd
+        assert at._bwd_tiles(64) == (at._bwd_blocks(64)[0], Blocks(16, 16))
+        with tile_override():  # nested, all None: the heuristics again
+            assert at._fwd_tiles(197, 64) == at._fwd_blocks(197, 64)
+        assert at._fwd_tiles(197, 64) == fwd
+    assert at._override == dict.fromkeys(("fwd", "bwd_kv", "bwd_q"))
+    previous = set_tile_override(bwd_kv=Blocks(16, 32))
+    try:
+        assert at._bwd_tiles(128)[0] == Blocks(16, 32)
+    finally:
+        set_tile_override(**previous)
+    assert at._bwd_tiles(128) == at._bwd_blocks(128)
+
+
+# ---------------------------------------------------------------- sweep logic (fake timer)
+
+@pytest.fixture
+def no_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU heuristics as defaults (the interpreter's are 32x32)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.mark.usefixtures("no_interpreter")
+@pytest.mark.parametrize("block_d, n_fwd, n_bwd", [(64, 24, 10), (128, 19, 8)])
+def test_candidates(block_d: int, n_fwd: int, n_bwd: int) -> None:
+    """Counts as stated in the docstrings; the default first; every one fits and is valid."""
+    fwd, bwd = bench.fwd_candidates(197, block_d), bench.bwd_candidates(block_d)
+    assert (len(fwd), len(bwd)) == (n_fwd, n_bwd)
+    assert fwd[0] == at._fwd_blocks(197, block_d) and bwd[0] == at._bwd_blocks(block_d)
+    assert len(set(fwd)) == len(fwd) and len(set(bwd)) == len(bwd)
+    for b in fwd:
+        at._validate_blocks("fwd", b)
+        assert bench.fwd_fits(b, block_d) and b.m in bench.FWD_M and b.n in bench.FWD_N
+        assert b.m // b.warps >= 16
+    for kv, q in bwd:
+        at._validate_blocks("bwd_kv", kv)
+        at._validate_blocks("bwd_q", q)
+        assert bench.bwd_fits(kv, q, block_d)
+
+
+def test_fits_prunes_what_cannot_fit() -> None:
+    assert not bench.fwd_fits(Blocks(128, 128, 8, 4), 128)  # 288 KiB of shared memory
+    assert bench.fwd_fits(Blocks(128, 128, 8, 4), 64)  # 144 KiB
+    assert not bench.fwd_fits(Blocks(128, 128, 4, 2), 128)  # 256 fp32 values per thread
+    assert not bench.fwd_fits(Blocks(64, 32, 8, 2), 64)  # 8 rows per warp
+    assert not bench.bwd_fits(Blocks(32, 128, 4, 2), Blocks(128, 32, 4, 2), 128)  # dk, dv regs
+    assert bench.bwd_fits(Blocks(32, 128, 8, 2), Blocks(128, 32, 8, 2), 128)
+    # fp32 doubles the shared memory: a config that fits in bf16 may not
+    assert bench.fwd_fits(Blocks(128, 64, 8, 4), 128) and \
+        not bench.fwd_fits(Blocks(128, 64, 8, 4), 128, elt=4)
+
+
+def _fake_timer(calls: list[tuple[str, dict]]):  # noqa: ANN202
+    """ms from the tiles; n == 128 forward tiles run out of resources, warps 8 bwd fails."""
+    from triton.runtime.errors import OutOfResources
+
+    def timer(kernel: str, override: dict) -> float:
+        calls.append((kernel, override))
+        if kernel == "fwd":
+            fwd = override["fwd"]
+            if fwd.n == 128:
+                raise OutOfResources(300000, 232448, "shared memory")
+            return 1.0 + abs(fwd.m - 128) / 64 + abs(fwd.n - 32) / 32 + fwd.stages / 10
+        kv, q = override["bwd_kv"], override["bwd_q"]
+        if kv.warps == 8:
+            raise RuntimeError("PassManager::run failed\nmore lines")
+        return 5.0 - kv.n / 64 + q.stages / 10
+    return timer
+
+
+@pytest.mark.usefixtures("no_interpreter")
+def test_sweep_shape_with_fake_timer() -> None:
+    calls: list[tuple[str, dict]] = []
+    fwd, bwd = bench.fwd_candidates(197, 64), bench.bwd_candidates(64)
+    seen: list[dict] = []
+    recs = bench.sweep_shape("vit_b16", fwd, bwd, _fake_timer(calls), progress=seen.append)
+    assert seen == recs and len(recs) == len(fwd) + len(bwd) == len(calls)
+    by_kernel = {k: [r for r in recs if r["kernel"] == k] for k in ("fwd", "bwd")}
+    for kernel, expected in (("fwd", {"m": 128, "n": 32, "warps": 4, "stages": 2}),
+                             ("bwd", {"m": 32, "n": 128, "warps": 4, "stages": 2})):
+        best = [r for r in by_kernel[kernel] if r["best"]]
+        assert len(best) == 1
+        timed = [r["ms"] for r in by_kernel[kernel] if r["ms"] is not None]
+        assert best[0]["ms"] == min(timed)
+        got = best[0]["config"]["fwd" if kernel == "fwd" else "bwd_kv"]
+        assert got == expected, (kernel, got)  # ties: the first candidate wins
+    skipped = [r for r in recs if r["ms"] is None]
+    assert skipped and all(r["skipped"] in ("OutOfResources", "RuntimeError") for r in skipped)
+    assert {r["skipped"] for r in by_kernel["fwd"] if r["ms"] is None} == {"OutOfResources"}
+    assert all(r["config"]["bwd_kv"]["warps"] == 8 for r in by_kernel["bwd"] if r["ms"] is None)
+    assert all("\n" not in r["error"] for r in skipped)
+    assert by_kernel["fwd"][0]["default"] and by_kernel["bwd"][0]["default"]
+    assert sum(r["default"] for r in recs) == 2
+    # every backward run used the best forward tile
+    best_fwd = Blocks(**next(r for r in by_kernel["fwd"] if r["best"])["config"]["fwd"])
+    assert all(ov["fwd"] == best_fwd for kernel, ov in calls if kernel == "bwd")
+    json.dumps(recs)  # JSON-serializable as written by --json
+    table = bench.format_best(recs)
+    assert table.count("\n") == 3 and "vit_b16" in table and "OutOfResources" not in table
+    assert bench.config_label(next(r for r in by_kernel["bwd"] if r["best"])) in table
+    assert "kv32x128 q128x32 w4 s2" in table
+
+
+def test_sweep_when_every_forward_fails() -> None:
+    """No forward tile timed: backward runs with the heuristic forward (override None)."""
+    calls: list[tuple[str, dict]] = []
+
+    def timer(kernel: str, override: dict) -> float:
+        calls.append((kernel, override))
+        if kernel == "fwd":
+            raise ValueError("boom")
+        return 2.0
+    recs = bench.sweep_shape("long", [Blocks(64, 64)], [(Blocks(32, 64), Blocks(64, 32))], timer)
+    assert recs[0]["skipped"] == "ValueError" and not recs[0]["best"]
+    assert recs[1]["best"] and calls[1][1]["fwd"] is None and recs[1]["config"]["fwd"] is None
+    assert "n/a: every config skipped (ValueError)" in bench.format_best(recs)
+
+
+def test_mark_best_ties_and_reruns() -> None:
+    recs = [{"shape": "s", "kernel": "fwd", "ms": ms, "best": True} for ms in (2.0, 1.0, 1.0)]
+    recs.append({"shape": "t", "kernel": "fwd", "ms": None, "best": True})
+    bench.mark_best(recs)
+    assert [r["best"] for r in recs] == [False, True, False, False]
+
+
+# ---------------------------------------------------------------- without CUDA
+
+@pytest.mark.skipif(CUDA, reason="CUDA present: the sweep would really run")
+def test_sweep_without_cuda_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="CUDA GPU is required"):
+        bench.sweep_tiles(["vit_b16"], torch.float16)
+    proc = subprocess.run([sys.executable, "-m", "mmpretrain.cli", "bench", "attention",
+                           "--sweep", "--shapes", "vit_b16", "--json", os.devnull], cwd=REPO,
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "CUDA GPU is required" in proc.stderr and "Traceback" not in proc.stderr
+
+
+if __name__ == "__main__":
+    sys.exit(_interpreter_main())
