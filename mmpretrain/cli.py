@@ -226,7 +226,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from mmpretrain.engine.bench import BenchOptions, bench_report, format_report, print_notes
 
     opts = BenchOptions(args.model, args.batch, args.data, args.zero, args.steps, args.warmup,
-                        args.workers, args.precision, args.overrides)
+                        args.workers, args.precision, args.overrides, args.sync_each_step)
     try:
         report = bench_report(opts, args.compare or "")
     except ValueError as e:
@@ -253,6 +253,8 @@ def _add_bench_train_parser(bsub: argparse._SubParsersAction) -> None:
     b.add_argument("--compare", default=None, choices=("open_clip",),
                    help="also time OpenCLIP's step (needs the [bench] extra)")
     b.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    b.add_argument("--sync-each-step", action="store_true",
+                   help="wait for the device before each step (the cost of a per-step host sync)")
     b.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="more config overrides, e.g. model.activation_checkpointing=true")
     b.set_defaults(func=cmd_bench_train)

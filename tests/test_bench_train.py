@@ -18,7 +18,7 @@ from mmpretrain.logging.flops import PEAK_TFLOPS_ENV, train_flops_per_sample
 BLOCKED_RUN = ("import sys; sys.modules['open_clip'] = None; from mmpretrain.cli import main; "
                "sys.exit(main(sys.argv[1:]))")
 ARGS = ["bench", "train", "--model", "tiny", "--batch", "8", "--steps", "3", "--warmup", "1",
-        "--compare", "open_clip", "--json"]
+        "--compare", "open_clip", "--json", "--sync-each-step", "optim.lr=0.0005"]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,10 @@ def test_tiny_cpu_run_reports_sane_numbers(tiny_run: subprocess.CompletedProcess
     assert ours["params"] > 1_000_000 and ours["peak_mem_gb"] > 0
     assert ours["loss"] > 0
     assert ours["versions"]["torch"] and ours["versions"]["deepspeed"]
+    assert ours["sync_each_step"] and ours["overrides"] == ["optim.lr=0.0005"]
     table = format_report(report)
     assert "n/a (unknown peak)" in table and "samples/s" in table
+    assert "optim.lr=0.0005, device synced before each step" in table
 
 
 def test_compare_without_open_clip_skips(tiny_run: subprocess.CompletedProcess) -> None:

@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -57,6 +57,9 @@ class BenchOptions:
     workers: int = 8
     precision: str = "auto"
     overrides: list[str] = field(default_factory=list)
+    sync_each_step: bool = False
+    """Wait for the device before each step: what a host sync per step (e.g. reading a loss or
+    a flag with .item()) would cost; the trainer itself avoids one."""
 
 
 def bench_overrides(opts: BenchOptions, output_dir: str) -> list[str]:
@@ -136,7 +139,9 @@ def _speed(opts: BenchOptions, elapsed: float, global_batch: int, train_flops: i
 def _measure(trainer: Any, opts: BenchOptions) -> dict[str, Any]:
     """Warm up, time `opts.steps` steps of `trainer`, and describe the result."""
     cfg = trainer.cfg
-    batches = _device_pool(trainer) if cfg.data.source == "synthetic" else None
+    batches = _device_pool(trainer) if cfg.data.source == "synthetic" else iter(trainer.stream)
+    if opts.sync_each_step:
+        batches = _syncing(batches, trainer.device)
     trainer.run_steps(opts.warmup, batches)
     elapsed, (meter, losses) = _timed(trainer.device, lambda: trainer.run_steps(opts.steps,
                                                                                 batches))
@@ -145,7 +150,8 @@ def _measure(trainer: Any, opts: BenchOptions) -> dict[str, Any]:
         "impl": "mmpretrain", "model": opts.model, "batch_per_rank": cfg.data.batch_size,
         "world_size": trainer.world, "global_batch": trainer.global_batch, "data": opts.data,
         "zero_stage": cfg.engine.zero_stage, "precision": trainer.precision,
-        "steps": opts.steps, "warmup": opts.warmup,
+        "steps": opts.steps, "warmup": opts.warmup, "overrides": list(opts.overrides),
+        "sync_each_step": opts.sync_each_step,
         **_speed(opts, elapsed, trainer.global_batch, trainer.train_flops, trainer.world,
                  trainer.device),
         "peak_mem_gb": peak_memory_gb(trainer.device),
@@ -153,6 +159,13 @@ def _measure(trainer: Any, opts: BenchOptions) -> dict[str, Any]:
         "loss": float(losses["loss"]) / opts.steps,
         "device": device_name(trainer.device), "device_type": trainer.device.type,
         "versions": versions()}
+
+
+def _syncing(batches: Iterator[dict], device: torch.device) -> Iterator[dict]:
+    """`batches`, waiting for the device before handing out each one (`--sync-each-step`)."""
+    for batch in batches:
+        _sync(device)
+        yield batch
 
 
 def bench_mmpretrain(opts: BenchOptions) -> dict[str, Any] | None:
@@ -318,7 +331,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"mmpretrain bench train: {ours['model']}, batch {ours['batch_per_rank']} per rank x "
         f"{ours['world_size']} rank(s), data {ours['data']}, ZeRO {ours['zero_stage']}, "
-        f"{ours['precision']}; {ours['steps']} timed steps after {ours['warmup']} warm-up",
+        f"{ours['precision']}; {ours['steps']} timed steps after {ours['warmup']} warm-up"
+        + "".join(f", {o}" for o in ours.get("overrides", []))
+        + (", device synced before each step" if ours.get("sync_each_step") else ""),
         f"device: {ours['device']} (peak "
         + (f"{peak:g} TFLOP/s dense bf16)" if peak else "unknown: set MMPRETRAIN_PEAK_TFLOPS)"),
         "versions: " + ", ".join(f"{k} {v}" for k, v in
