@@ -235,6 +235,10 @@ class EngineConfig:
     """Keep optimizer state in CPU memory (ZeRO stage 1 or higher)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: `auto` is nccl on CUDA and gloo on CPU."""
+    compile: bool = False
+    """torch.compile each Transformer block (fuses LayerNorm, bias, GELU and residual adds
+    between the matrix multiplications; ZeRO stage 0-2). The first steps take longer while
+    the blocks compile."""
 
 
 @dataclass

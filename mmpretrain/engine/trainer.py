@@ -122,6 +122,10 @@ class Trainer:
                 set_init_context(None)
         else:
             model = build_model(cfg.model, cfg.loss.kind)
+        if cfg.engine.compile:
+            from mmpretrain.engine.compile import compile_blocks
+
+            compile_blocks(model)
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         log.info("model %s: %.2fM parameters, precision %s, ZeRO stage %d", cfg.model.size or
                  "custom", n_params / 1e6, self.precision, cfg.engine.zero_stage)

@@ -58,6 +58,7 @@ def _attention_sdpa(
     return out.masked_fill(~row_any, 0.0)  # (B, H, Sq, D)
 
 
+@torch.compiler.disable  # runs outside compiled graphs (engine.compile): opaque launches
 def _attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -155,6 +156,17 @@ def attention(
     return _IMPLS[name](q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
 
 
+@torch.compiler.disable  # see _attention_triton
+def _attention_packed_triton(qkv: torch.Tensor, *, causal: bool,
+                             key_padding_mask: torch.Tensor | None,
+                             scale: float | None) -> torch.Tensor:
+    """Zero-copy: the kernels read q/k/v through qkv's strides and write dqkv directly."""
+    from mmpretrain.kernels.attention_triton import attention_packed_triton
+
+    return attention_packed_triton(qkv, causal=causal, key_padding_mask=key_padding_mask,
+                                   scale=scale)  # (B, S, H, D)
+
+
 def attention_packed(
     qkv: torch.Tensor,
     *,
@@ -172,12 +184,9 @@ def attention_packed(
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, D), strided views
     name = resolve_impl(impl, q)
     if name == "triton":
-        # Zero-copy: the kernels read q/k/v through qkv's strides and write dqkv directly.
-        from mmpretrain.kernels.attention_triton import attention_packed_triton
-
         _log_choice(name, q, causal)
-        return attention_packed_triton(qkv, causal=causal, key_padding_mask=key_padding_mask,
-                                       scale=scale)  # (B, S, H, D)
+        return _attention_packed_triton(qkv, causal=causal, key_padding_mask=key_padding_mask,
+                                        scale=scale)  # (B, S, H, D)
     out = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
                     impl=name)  # (B, H, S, D)
     return out.transpose(1, 2)  # (B, S, H, D)

@@ -159,7 +159,11 @@ def _select(top: torch.Tensor, idx: torch.Tensor, vocab: int, k: int, seqs: list
 def generate(model: torch.nn.Module, images: torch.Tensor, special: Special,
              beam_width: int = 1, max_len: int = 0,
              length_penalty: float = 1.0) -> list[list[int]]:
-    """Greedy (`beam_width` 1) or beam-search captions; token ids without sot/eot."""
-    if beam_width == 1:
-        return greedy(model, images, special, max_len)
-    return beam_search(model, images, special, beam_width, max_len, length_penalty)
+    """Greedy (`beam_width` 1) or beam-search captions; token ids without sot/eot.
+
+    Runs eagerly even where blocks are compiled (`engine.compile`): the decoded length grows
+    every step, so compiled graphs would be rebuilt for each new length."""
+    with torch.compiler.set_stance("force_eager"):
+        if beam_width == 1:
+            return greedy(model, images, special, max_len)
+        return beam_search(model, images, special, beam_width, max_len, length_penalty)

@@ -1,0 +1,35 @@
+"""`engine.compile`: torch.compile each Transformer block, as torchtitan does.
+
+Compiling block by block (instead of the whole model) keeps compile time to one graph per block
+kind (every block of a tower shares the same code and shapes), lets activation checkpointing
+wrap compiled blocks, and leaves the rest (embeddings, pooling, losses, DeepSpeed) eager.
+`nn.Module.compile` compiles in place, so parameter names, checkpoints and exports are unchanged.
+Inductor fuses what sits between the matrix multiplications: LayerNorm (fp32 statistics), bias
+adds, GELU and residual adds. The fused Triton attention kernel stays outside the graphs (a
+graph break on either side, see `kernels.attention_packed`); SDPA is traced as one op.
+
+Shapes are static in training (fixed batch and context length), so blocks compile with
+`dynamic=False`. Evaluation batches of other sizes compile their own graphs; incremental
+decoding (captions) runs eagerly (`torch.compiler.set_stance("force_eager")` in
+`model/generate.py`), since its sequence length grows every step.
+"""
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+log = logging.getLogger("mmpretrain.engine")
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """`torch.compile` every Transformer block of `model` in place; returns how many."""
+    from mmpretrain.model.fusion import DecoderBlock
+    from mmpretrain.model.layers import Block
+
+    blocks = [m for m in model.modules() if isinstance(m, (Block, DecoderBlock))]
+    for block in blocks:
+        block.compile(dynamic=False)
+    log.info("engine.compile: torch.compile on %d transformer blocks (compiled on first use)",
+             len(blocks))
+    return len(blocks)
