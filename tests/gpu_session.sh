@@ -7,6 +7,7 @@
 #   bash tests/gpu_session.sh attention   # mmpretrain bench attention, every shape and backend
 #   bash tests/gpu_session.sh tiles       # bench attention --sweep: Triton tile sizes per shape
 #   bash tests/gpu_session.sh train       # bench train ViT-B/32, B/16, L/14 vs compiled OpenCLIP
+#   bash tests/gpu_session.sh levers      # ViT-B/16: per-step sync, engine.compile, triton, both
 #   bash tests/gpu_session.sh memory      # ViT-g/14, ViT-bigG/14 with ZeRO-3 + offload + act. ckpt
 #   bash tests/gpu_session.sh all         # the three above (may not fit one 10-minute call)
 # Results land in $OUT (logs and JSON; at most 8 files come back).
@@ -53,6 +54,28 @@ train() {
   tail -c 3000 "$OUT/train.jsonl"
 }
 
+levers() {
+  : > "$OUT/levers.jsonl"
+  for variant in "--sync-each-step" "" "engine.compile=true" "model.attention=triton" \
+                 "engine.compile=true model.attention=triton"; do
+    $py -m mmpretrain.cli bench train --model vit_b16 --batch 256 --zero 1 --steps 20 \
+      --warmup 8 --json $variant > "$OUT/lever.out" 2>> "$OUT/levers.log"
+    echo "bench train vit_b16 [$variant] rc=$?"
+    tail -n 1 "$OUT/lever.out" >> "$OUT/levers.jsonl"
+    cat "$OUT/lever.out" >> "$OUT/levers.log" && rm "$OUT/lever.out"
+  done
+  $py - "$OUT/levers.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        r = json.loads(line)["mmpretrain"]
+    except (ValueError, KeyError):
+        continue
+    print(f"{r['samples_per_s']:9.1f} samples/s  mfu {r['mfu']}  {r['overrides']}"
+          f"{' sync-each-step' if r['sync_each_step'] else ''}")
+PY
+}
+
 memory() {
   for spec in "vit_g14 32" "vit_bigg14 16"; do
     set -- $spec
@@ -70,7 +93,8 @@ case "$stage" in
   attention) attention ;;
   tiles) tiles ;;
   train) train ;;
+  levers) levers ;;
   memory) memory ;;
   all) check; attention; train ;;
-  *) echo "unknown stage $stage (check|attention|tiles|train|memory|all)"; exit 2 ;;
+  *) echo "unknown stage $stage (check|attention|tiles|train|levers|memory|all)"; exit 2 ;;
 esac

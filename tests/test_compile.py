@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import losses, run_train
 from mmpretrain.config.load import ConfigError, load_config
@@ -39,3 +40,27 @@ def test_compiled_blocks_train_and_evaluate_like_eager(tmp_path: Path) -> None:
 def test_compile_with_zero3_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="engine.compile needs engine.zero_stage <= 2"):
         load_config(None, ["engine.compile=true", "engine.zero_stage=3"])
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_fast_path_matches_reference_path(tmp_path: Path) -> None:
+    """bf16 ZeRO-1 on the GPU: compiled blocks (with SDPA, and with the Triton kernel) give the
+    losses of the eager SDPA run within bf16 tolerance."""
+    runs = {"eager_sdpa": ("false", "sdpa"), "compiled_sdpa": ("true", "sdpa"),
+            "compiled_triton": ("true", "triton")}
+    traces = {}
+    for name, (compiled, impl) in runs.items():
+        run_train([f"output_dir={tmp_path}", f"name={name}", "optim.steps=20",
+                   "engine.zero_stage=1", "engine.device=cuda", "engine.precision=bf16",
+                   "checkpoint.every=0", "logging.log_every=1", "logging.wandb_mode=disabled",
+                   f"engine.compile={compiled}", f"model.attention={impl}"], timeout=900)
+        traces[name] = losses(tmp_path / name)
+    ref = traces.pop("eager_sdpa")
+    for name, trace in traces.items():
+        assert sorted(trace) == sorted(ref), name
+        for step, loss in ref.items():
+            assert abs(trace[step] - loss) <= 0.05 * max(1.0, abs(loss)), (name, step, traces)
