@@ -100,8 +100,8 @@ class Trainer:
         self.jsonl = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
         self.global_batch = cfg.data.batch_size * cfg.engine.grad_accum * self.world
         self.train_flops = train_flops_per_sample(cfg.model)  # model FLOPs of one sample
-        self.peak_tflops = peak_tflops(self.device)
-        self._flags = LaggedFlags(self.device, self.world)  # None: unknown, no `mfu` logged
+        self.peak_tflops = peak_tflops(self.device)  # None: unknown, no `mfu` logged
+        self._flags = LaggedFlags(self.device, self.world)
 
     def _build_model(self, ds_cfg: dict) -> torch.nn.Module:
         """Build the model; under ZeRO-3 inside `zero.Init`, so no rank ever holds all weights
@@ -370,20 +370,16 @@ class Trainer:
             self._one_step(batches)
         return self._meter, self._loss_sum
 
-    def _decision_step(self) -> bool:
-        """Whether this step logs, saves, evaluates or ends the run: the steps at which every
-        flag so far is read, so counters and stop decisions are exact where they are used."""
-        cfg, step = self.cfg, self.step
-        return (self._log_now or step >= cfg.optim.steps
-                or bool(cfg.optim.stop_after and step >= cfg.optim.stop_after)
-                or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-                or bool(cfg.eval.every and step % cfg.eval.every == 0))
-
     def _after_step(self) -> str:
         """Logging, signals, stops, checkpoints and evals after a step; returns the status."""
-        cfg = self.cfg
-        if self._decision_step():
-            self._settle(self._flags.drain())  # this step's flags too (a host sync, only here)
+        cfg, step = self.cfg, self.step
+        stop_after = bool(cfg.optim.stop_after and step >= cfg.optim.stop_after)
+        save_due = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+        eval_due = bool(cfg.eval.every and step % cfg.eval.every == 0)
+        if self._log_now or stop_after or save_due or eval_due or step >= cfg.optim.steps:
+            # read every flag so far, this step's too (a host sync, only on such steps), so
+            # counters and stop decisions are exact where they are used
+            self._settle(self._flags.drain())
         if self._log_now:
             self._log(self._loss_sum, self._n_loss, self._meter, self._wandb)
             self._loss_sum, self._n_loss = {}, 0
@@ -393,18 +389,18 @@ class Trainer:
                 f"{self._too_many_skipped[1]} steps in a row up to step "
                 f"{self._too_many_skipped[0]} had a non-finite loss or gradient (limit "
                 f"optim.max_skipped_steps={cfg.optim.max_skipped_steps}); stopped at step "
-                f"{self.step} with a checkpoint of the last good weights in "
+                f"{step} with a checkpoint of the last good weights in "
                 f"{self.ckpt.dir}. Lower optim.lr or check the data.")
         if self._stop_seen:
-            log.warning("stop signal received: saving at step %d and exiting", self.step)
+            log.warning("stop signal received: saving at step %d and exiting", step)
             self.save()
             return "preempted"
-        if cfg.optim.stop_after and self.step >= cfg.optim.stop_after:
+        if stop_after:
             return "stopped"
-        if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+        if save_due:
             self.save()
-        if cfg.eval.every and self.step % cfg.eval.every == 0:
-            self._last_eval = (self.step, self.evaluate())
+        if eval_due:
+            self._last_eval = (step, self.evaluate())
             self._log_eval(self._last_eval[1], self._wandb)
             self._meter.reset()  # evaluation time is not training throughput
         return "running"
