@@ -437,15 +437,6 @@ STDOUT_IS_DATA = ("caption", "eval", "export")
 which it writes to stdout, go to stderr instead."""
 
 
-def _deepspeed_logs_to_stderr() -> None:
-    """Import DeepSpeed with stdout pointing at stderr: its logger binds its handler to the
-    stdout of that moment (and warns about the accelerator during the import itself)."""
-    import contextlib
-
-    with contextlib.redirect_stdout(sys.stderr):
-        import deepspeed  # noqa: F401
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mmpretrain` console script."""
     from mmpretrain.config.load import ConfigError
@@ -456,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:  # `mmpretrain` alone: the demo
         args = build_parser().parse_args(["train", *(argv or [])])
     if args.command in STDOUT_IS_DATA:
-        _deepspeed_logs_to_stderr()
+        from mmpretrain.engine.ds_config import deepspeed_logs_to_stderr
+        deepspeed_logs_to_stderr()
     try:
         return args.func(args)
     except ConfigError as e:

@@ -53,3 +53,14 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int, precision: str,
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+
+
+def deepspeed_logs_to_stderr() -> None:
+    """Import DeepSpeed with stdout pointing at stderr: its logger binds its handler to the
+    stdout of that moment (and warns about the accelerator during the import itself). For
+    commands whose stdout is data (JSON reports, exported configs)."""
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed  # noqa: F401
