@@ -1,0 +1,144 @@
+"""`mmpretrain bench ...`: the data, attention-kernel and training benchmarks' command lines."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    """Measure the training data path (decode, crop, tokenize, batch) per DataLoader worker."""
+    from mmpretrain.data.bench import bench_data, format_report
+
+    workers = tuple(int(w) for w in args.workers.split(","))
+    report = bench_data(args.shards, args.out, workers, args.batch_size, args.image_size,
+                        args.context_length, args.batches, args.samples, args.long_side,
+                        args.fast_jpeg)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
+def cmd_bench_attention(args: argparse.Namespace) -> int:
+    """Time the Triton attention kernel against SDPA backends and FlexAttention, or (--sweep)
+    sweep its tile sizes (CUDA only)."""
+    import torch
+
+    from mmpretrain.kernels import bench
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    warmup = args.warmup if args.warmup is not None else (5 if args.sweep else 10)
+    iters = args.iters if args.iters is not None else (20 if args.sweep else 50)
+    shapes = args.shapes.split(",")
+    if args.aot:
+        return _bench_attention_aot(args, shapes, dtype)
+    try:
+        if args.sweep:
+            records = bench.sweep_tiles(  # progress on stderr: partial results if killed
+                shapes, dtype, warmup=warmup, iters=iters,
+                progress=lambda r: print(bench.progress_line(r), file=sys.stderr, flush=True))
+        else:
+            records = bench.bench_attention(shapes, args.impls.split(","), dtype, warmup, iters)
+    except (RuntimeError, ValueError) as e:
+        print(f"mmpretrain bench attention: error: {e}", file=sys.stderr)
+        return 2
+    print(bench.format_best(records) if args.sweep else bench.format_table(records))
+    if args.json:
+        bench.write_json(records, args.json)
+    return 0
+
+
+def _bench_attention_aot(args: argparse.Namespace, shapes: list[str], dtype: object) -> int:
+    """`bench attention --aot`: compile the kernels' launches for a GPU target, no GPU needed."""
+    from mmpretrain.kernels import aot
+
+    try:
+        records = aot.aot_table(shapes, args.arch, dtype, sweep=args.sweep)
+    except (RuntimeError, ValueError) as e:
+        print(f"mmpretrain bench attention --aot: error: {e}", file=sys.stderr)
+        return 2
+    print(aot.format_table(records))
+    if args.json:
+        aot.write_json(records, args.json, args.arch)
+    return 0
+
+
+def _add_bench_attention_parser(bsub: argparse._SubParsersAction) -> None:
+    from mmpretrain.kernels.bench import IMPLS, SHAPES
+
+    b = bsub.add_parser("attention", help="fused Triton attention vs SDPA/Flex (ms, TFLOP/s)")
+    b.add_argument("--shapes", default=",".join(SHAPES), help=f"subset of {list(SHAPES)}")
+    b.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {list(IMPLS)}")
+    b.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    b.add_argument("--warmup", type=int, default=None, help="untimed runs (default 10; sweep 5)")
+    b.add_argument("--iters", type=int, default=None,
+                   help="timed runs; the median is reported (default 50; sweep 20)")
+    b.add_argument("--sweep", action="store_true",
+                   help="instead of the comparison: sweep the Triton kernel's tile sizes per "
+                   "shape (fwd, then fwd+bwd with the best fwd fixed); prints the best configs")
+    b.add_argument("--aot", action="store_true",
+                   help="no GPU needed: compile the launches (the heuristic tiles, or with "
+                   "--sweep every candidate) for --arch and print registers, spills, shared "
+                   "memory and wgmma use per kernel")
+    b.add_argument("--arch", type=int, default=90, help="--aot target: 90 Hopper, 80 Ampere")
+    b.add_argument("--json", default="", help="also write the records to this JSON file")
+    b.set_defaults(func=cmd_bench_attention)
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks on this machine")
+    bsub = p.add_subparsers(dest="what", required=True)
+    b = bsub.add_parser("data", help="data path samples/s per DataLoader worker")
+    b.add_argument("--shards", default="", help="shard pattern to read (default: generate "
+                   "photo-like JPEG shards under ~/.cache/mmpretrain or --out)")
+    b.add_argument("--out", default="", help="where generated shards go")
+    b.add_argument("--samples", type=int, default=3072, help="samples to generate")
+    b.add_argument("--long-side", type=int, default=500, help="generated images' long side")
+    b.add_argument("--workers", default="1,2", help="worker counts to measure (0: in-process)")
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--image-size", type=int, default=224)
+    b.add_argument("--context-length", type=int, default=77)
+    b.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
+    b.add_argument("--fast-jpeg", action="store_true", help="stream with data.fast_jpeg=true")
+    b.add_argument("--json", action="store_true", help="print the report as JSON")
+    b.set_defaults(func=cmd_bench_data)
+    _add_bench_attention_parser(bsub)
+    _add_bench_train_parser(bsub)
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    """Time training steps of the real Trainer (samples/s, TFLOP/s, MFU), optionally vs OpenCLIP."""
+    from mmpretrain.engine.bench import BenchOptions, bench_report, format_report, print_notes
+
+    opts = BenchOptions(args.model, args.batch, args.data, args.zero, args.steps, args.warmup,
+                        args.workers, args.precision, args.overrides, args.sync_each_step)
+    try:
+        report = bench_report(opts, args.compare or "")
+    except ValueError as e:
+        print(f"mmpretrain bench train: error: {e}", file=sys.stderr)
+        return 2
+    if report is not None:  # rank 0
+        print_notes(report)
+        print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+def _add_bench_train_parser(bsub: argparse._SubParsersAction) -> None:
+    b = bsub.add_parser("train", help="training samples/s, model TFLOP/s and MFU of the real "
+                        "Trainer (optionally next to OpenCLIP)")
+    b.add_argument("--model", default="vit_b16", help="named model size (model.size)")
+    b.add_argument("--batch", type=int, default=256, help="micro-batch size per rank")
+    b.add_argument("--data", default="synthetic", metavar="synthetic|SHARDS",
+                   help="random batches kept on the device, or a shard pattern (resampled)")
+    b.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3), help="ZeRO stage")
+    b.add_argument("--steps", type=int, default=30, help="timed steps")
+    b.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    b.add_argument("--workers", type=int, default=8, help="DataLoader workers (shards only)")
+    b.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    b.add_argument("--compare", default=None, choices=("open_clip",),
+                   help="also time OpenCLIP's step (needs the [bench] extra)")
+    b.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    b.add_argument("--sync-each-step", action="store_true",
+                   help="wait for the device before each step (the cost of a per-step host sync)")
+    b.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="more config overrides, e.g. model.activation_checkpointing=true")
+    b.set_defaults(func=cmd_bench_train)

@@ -1,0 +1,275 @@
+"""Compile the attention kernels for a GPU architecture ahead of time, on any machine.
+
+Triton lowers a kernel to PTX and assembles it with the `ptxas` bundled in its wheel: no GPU or
+driver is needed and nothing is launched. The launches are captured from the real launch code
+(`attention_triton._forward` / `_backward`, called on small CPU tensors laid out as the model
+lays them out), and each argument is specialised as Triton's JIT does on a GPU (strides equal to
+1 become constants, integers and pointers divisible by 16 are marked so), so what is compiled
+here is what a GPU run compiles for the same shapes and tiles.
+
+Reported per kernel: registers per thread, spill bytes, shared memory, whether Hopper's
+warpgroup MMA (`wgmma`) is used, compile seconds. Uses: `tests/test_attention_aot.py` (every
+launch the tile heuristics pick compiles for sm_90 and sm_80 without spilling) and
+`mmpretrain bench attention --aot` (the same table for the tile sweep's candidates, so that a
+short GPU session need not time configurations that spill).
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from mmpretrain.kernels.attention_triton import (Blocks, _backward, _empty_bhsd, _forward,
+                                                 interpreter_enabled, tile_override)
+
+KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # opt-in bytes per block
+_PTXAS_USE = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One captured kernel launch: the JIT function, its bound arguments and launch options."""
+
+    name: str
+    fn: Any
+    args: tuple
+    kwargs: dict
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """What compiling one launch for one architecture produced."""
+
+    name: str
+    arch: int
+    warps: int
+    stages: int
+    constants: dict
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+    wgmma: bool
+    seconds: float
+
+    @property
+    def spills(self) -> bool:
+        """Whether ptxas spilled registers to local memory."""
+        return self.spill_stores > 0 or self.spill_loads > 0
+
+
+class _Recorder:
+    """Stands in for a JIT kernel: `rec[grid](*args, **kwargs)` records instead of launching."""
+
+    def __init__(self, name: str, fn: Any, sink: list[Launch]) -> None:
+        self.name, self.fn, self.sink = name, fn, sink
+
+    def __getitem__(self, grid: tuple) -> Any:
+        return lambda *args, **kwargs: self.sink.append(Launch(self.name, self.fn, args, kwargs))
+
+
+@contextlib.contextmanager
+def _capturing() -> Iterator[list[Launch]]:
+    from mmpretrain.kernels import triton_bwd, triton_fwd
+
+    targets = {"fwd": (triton_fwd, "_attn_fwd"),
+               "bwd_preprocess": (triton_bwd, "_attn_bwd_preprocess"),
+               "bwd_dkdv": (triton_bwd, "_attn_bwd_dkdv"), "bwd_dq": (triton_bwd, "_attn_bwd_dq")}
+    sink: list[Launch] = []
+    saved = {name: getattr(mod, attr) for name, (mod, attr) in targets.items()}
+    try:
+        for name, (mod, attr) in targets.items():
+            setattr(mod, attr, _Recorder(name, saved[name], sink))
+        yield sink
+    finally:
+        for name, (mod, attr) in targets.items():
+            setattr(mod, attr, saved[name])
+
+
+def capture_launches(batch: int, heads: int, sq: int, sk: int, dim: int, *,
+                     dtype: torch.dtype = torch.bfloat16, causal: bool = False,
+                     masked: bool = False, packed: bool | None = None) -> list[Launch]:
+    """The four launches (forward, backward preprocess, dK/dV, dQ) of one attention call.
+
+    `packed` (default: self-attention, sq == sk): q, k, v are views of one (B, S, 3, H, D)
+    projection, as the towers produce them; else separate (B, S, H, D) tensors as the fusion
+    decoder's cross-attention. `masked`: a (B, Sk) key-padding mask.
+    """
+    if interpreter_enabled():
+        raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (the "
+                           "interpreter replaces the JIT functions it compiles)")
+    packed = sq == sk if packed is None else packed
+    if packed and sq != sk:
+        raise ValueError(f"packed self-attention needs sq == sk, got {sq} and {sk}")
+    if packed:
+        qkv = torch.empty(batch, sq, 3, heads, dim, dtype=dtype)  # (B, S, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, D) views
+        grads = torch.empty_like(qkv).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q = torch.empty(batch, sq, heads, dim, dtype=dtype).transpose(1, 2)  # (B, H, Sq, D)
+        k, v = (torch.empty(batch, sk, heads, dim, dtype=dtype).transpose(1, 2)
+                for _ in range(2))  # (B, H, Sk, D)
+        grads = (_empty_bhsd(batch, heads, sq, dim, q), _empty_bhsd(batch, heads, sk, dim, k),
+                 _empty_bhsd(batch, heads, sk, dim, v))
+    kpm = torch.ones(batch, sk, dtype=torch.uint8) if masked else None
+    scale = dim ** -0.5
+    with _capturing() as launches:
+        o, lse = _forward(q, k, v, kpm, causal, scale)
+        _backward((q, k, v, o, lse), torch.empty_like(o), grads, kpm, causal, scale)
+    return launches
+
+
+def _specialise(launch: Launch, backend: Any) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) as Triton's JIT would build them on a GPU."""
+    from triton.runtime.jit import native_specialize_impl
+
+    fn, kwargs = launch.fn, dict(launch.kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    values = list(launch.args) + [kwargs.pop(p.name) for p in fn.params[len(launch.args):]
+                                  if p.name in kwargs]
+    if kwargs or len(values) != len(fn.params):
+        raise ValueError(f"{launch.name}: launch arguments do not match the kernel's parameters")
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (param, value) in enumerate(zip(fn.params, values)):
+        if param.is_constexpr:
+            signature[param.name], constexprs[(i,)] = "constexpr", value
+            continue
+        kind, key = native_specialize_impl(backend, value, False, not param.do_not_specialize,
+                                           not param.do_not_specialize_on_alignment)
+        if kind == "constexpr":  # an integer equal to 1
+            signature[param.name], constexprs[(i,)] = "constexpr", key
+            continue
+        signature[param.name] = kind
+        if key == "D":
+            attrs[(i,)] = backend.parse_attr("D")
+    return signature, constexprs, attrs, options
+
+
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from `ptxas -v` on the kernel's PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}",
+                              str(src), "-o", str(Path(tmp) / "k.o")],
+                             capture_output=True, text=True, check=True)
+    log = res.stdout + res.stderr
+    used, spill = _PTXAS_USE.search(log), _PTXAS_SPILL.search(log)
+    if used is None or spill is None:
+        raise RuntimeError(f"unexpected ptxas -v output:\n{log}")
+    return int(used.group(1)), int(spill.group(1)), int(spill.group(2))
+
+
+def compile_launch(launch: Launch, arch: int = 90) -> KernelBuild:
+    """Compile one captured launch for compute capability `arch` (90: Hopper, 80: Ampere)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+
+    target = GPUTarget("cuda", arch, 32)
+    signature, constexprs, attrs, options = _specialise(launch, make_backend(target))
+    start = time.perf_counter()
+    kernel = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs), target=target,
+                            options=options)
+    seconds = time.perf_counter() - start
+    regs, stores, loads = _ptxas_usage(kernel.asm["ptx"], arch)
+    names = {(i,): p.name for i, p in enumerate(launch.fn.params)}
+    constants = {names[k]: v for k, v in constexprs.items() if names[k].isupper()}
+    return KernelBuild(launch.name, arch, kernel.metadata.num_warps, kernel.metadata.num_stages,
+                       constants, regs, stores, loads, kernel.metadata.shared,
+                       "wgmma" in kernel.asm["ptx"], seconds)
+
+
+def build_attention(batch: int, heads: int, sq: int, sk: int, dim: int, *, arch: int = 90,
+                    dtype: torch.dtype = torch.bfloat16, causal: bool = False,
+                    masked: bool = False, tiles: dict[str, Blocks | None] | None = None,
+                    kernels: tuple[str, ...] = KERNELS) -> list[KernelBuild]:
+    """Compile the launches of one attention call (under `tiles`, a `tile_override` kwargs
+    dict; None: the heuristics) for `arch`; `kernels` selects which of KERNELS to compile."""
+    with tile_override(**(tiles or {})):
+        launches = capture_launches(batch, heads, sq, sk, dim, dtype=dtype, causal=causal,
+                                    masked=masked)
+    return [compile_launch(launch, arch) for launch in launches if launch.name in kernels]
+
+
+def format_builds(rows: list[tuple[str, KernelBuild]]) -> str:
+    """A table of (label, build) rows: registers, spills, shared memory, wgmma, compile time."""
+    lines = [f"{'config':<34} {'kernel':<15} {'arch':>4} {'warps':>5} {'stages':>6} "
+             f"{'regs':>4} {'spill st/ld B':>13} {'smem KB':>7} {'wgmma':>5} {'s':>5}"]
+    for label, b in rows:
+        lines.append(f"{label:<34} {b.name:<15} {b.arch:>4} {b.warps:>5} {b.stages:>6} "
+                     f"{b.registers:>4} {f'{b.spill_stores}/{b.spill_loads}':>13} "
+                     f"{b.shared_bytes / 1024:>7.1f} {'yes' if b.wgmma else 'no':>5} "
+                     f"{b.seconds:>5.1f}")
+    return "\n".join(lines)
+
+
+def aot_table(shape_names: list[str], arch: int = 90, dtype: torch.dtype = torch.bfloat16,
+              sweep: bool = False) -> list[dict]:
+    """Records for `bench attention --aot`: per benchmark shape (`bench.SHAPES`, captured at
+    batch 2: the batch changes no compiled code), the launches of the tile heuristics, or with
+    `sweep` every candidate of the GPU tile sweep (forward alone; dK/dV + dQ pairs)."""
+    from dataclasses import asdict
+
+    from mmpretrain.kernels.attention_triton import _next_pow2
+    from mmpretrain.kernels.bench import SHAPES, _config, bwd_candidates, fwd_candidates
+
+    unknown = [s for s in shape_names if s not in SHAPES]
+    if unknown:
+        raise ValueError(f"unknown shapes {unknown}; shapes: {list(SHAPES)}")
+    records = []
+    for name in shape_names:
+        _, heads, sq, sk, dim, causal = SHAPES[name]
+        block_d, elt = _next_pow2(dim), torch.finfo(dtype).bits // 8
+        configs: list[dict] = [{}]
+        if sweep:
+            configs = [{"fwd": b} for b in fwd_candidates(sq, block_d, elt)]
+            configs += [{"bwd_kv": kv, "bwd_q": q} for kv, q in bwd_candidates(block_d, elt)]
+        for tiles in configs:
+            kernels = KERNELS if not tiles else (("fwd",) if "fwd" in tiles
+                                                 else ("bwd_dkdv", "bwd_dq"))
+            for build in build_attention(2, heads, sq, sk, dim, arch=arch, dtype=dtype,
+                                         causal=causal, tiles=tiles, kernels=kernels):
+                records.append({"shape": name, "config": _config(tiles) if tiles else None,
+                                **asdict(build)})
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    """`format_builds` of `aot_table` records, labelled by shape and tiles."""
+    from mmpretrain.kernels.bench import config_label
+
+    rows = []
+    for r in records:
+        cfg = r["config"]
+        kind = "fwd" if cfg and cfg.get("fwd") else "bwd"
+        label = r["shape"] + ("" if cfg is None else " " + config_label({"kernel": kind,
+                                                                         "config": cfg}))
+        fields = {k: v for k, v in r.items() if k not in ("shape", "config")}
+        rows.append((label, KernelBuild(**fields)))
+    return format_builds(rows)
+
+
+
+def write_json(records: list[dict], path: str, arch: int) -> None:
+    """Save `aot_table` records with the Triton version and target they were compiled for."""
+    import json
+
+    import triton
+
+    meta = {"target": f"cuda sm_{arch}", "triton": triton.__version__,
+            "torch": torch.__version__, "compiled_without_gpu": True}
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1)
