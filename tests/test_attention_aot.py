@@ -68,9 +68,15 @@ def test_heuristic_launches_compile_for_hopper(label: str, shape: tuple, dtype: 
 
 def test_launches_compile_for_ampere() -> None:
     for shape, causal in (((2, 12, 197, 197, 64), False), ((2, 8, 77, 77, 128), True)):
-        for b in aot.build_attention(*shape, arch=80, causal=causal, masked=causal):
+        builds = {b.name: b for b in aot.build_attention(*shape, arch=80, causal=causal,
+                                                         masked=causal)}
+        for b in builds.values():
             assert b.arch == 80 and not b.wgmma  # wgmma is Hopper-only
             assert b.shared_bytes <= aot.SMEM_LIMIT[80], b
+        if shape[4] <= 64:  # the Hopper tile (128 keys) would spill ~500 bytes here
+            assert builds["bwd_dkdv"].constants["BLOCK_N"] == 64
+            assert all(b.spill_stores + b.spill_loads <= MAX_SPILL_BYTES
+                       for b in builds.values()), builds
 
 
 def test_arguments_are_specialised_as_the_jit_does() -> None:

@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 import torch
 
+from mmpretrain.kernels import attention_triton
 from mmpretrain.kernels.attention_triton import (Blocks, _backward, _empty_bhsd, _forward,
                                                  interpreter_enabled, tile_override)
 
@@ -97,8 +98,10 @@ def _capturing() -> Iterator[list[Launch]]:
 
 def capture_launches(batch: int, heads: int, sq: int, sk: int, dim: int, *,
                      dtype: torch.dtype = torch.bfloat16, causal: bool = False,
-                     masked: bool = False, packed: bool | None = None) -> list[Launch]:
-    """The four launches (forward, backward preprocess, dK/dV, dQ) of one attention call.
+                     masked: bool = False, packed: bool | None = None,
+                     arch: int = 90) -> list[Launch]:
+    """The four launches (forward, backward preprocess, dK/dV, dQ) of one attention call on
+    a GPU of compute capability `arch` (the tile heuristics depend on it).
 
     `packed` (default: self-attention, sq == sk): q, k, v are views of one (B, S, 3, H, D)
     projection, as the towers produce them; else separate (B, S, H, D) tensors as the fusion
@@ -122,9 +125,13 @@ def capture_launches(batch: int, heads: int, sq: int, sk: int, dim: int, *,
                  _empty_bhsd(batch, heads, sk, dim, v))
     kpm = torch.ones(batch, sk, dtype=torch.uint8) if masked else None
     scale = dim ** -0.5
-    with _capturing() as launches:
-        o, lse = _forward(q, k, v, kpm, causal, scale)
-        _backward((q, k, v, o, lse), torch.empty_like(o), grads, kpm, causal, scale)
+    previous, attention_triton.capture_arch = attention_triton.capture_arch, arch
+    try:
+        with _capturing() as launches:
+            o, lse = _forward(q, k, v, kpm, causal, scale)
+            _backward((q, k, v, o, lse), torch.empty_like(o), grads, kpm, causal, scale)
+    finally:
+        attention_triton.capture_arch = previous
     return launches
 
 
@@ -200,7 +207,7 @@ def build_attention(batch: int, heads: int, sq: int, sk: int, dim: int, *, arch:
     dict; None: the heuristics) for `arch`; `kernels` selects which of KERNELS to compile."""
     with tile_override(**(tiles or {})):
         launches = capture_launches(batch, heads, sq, sk, dim, dtype=dtype, causal=causal,
-                                    masked=masked)
+                                    masked=masked, arch=arch)
     return [compile_launch(launch, arch) for launch in launches if launch.name in kernels]
 
 
@@ -236,7 +243,8 @@ def aot_table(shape_names: list[str], arch: int = 90, dtype: torch.dtype = torch
         configs: list[dict] = [{}]
         if sweep:
             configs = [{"fwd": b} for b in fwd_candidates(sq, block_d, elt)]
-            configs += [{"bwd_kv": kv, "bwd_q": q} for kv, q in bwd_candidates(block_d, elt)]
+            configs += [{"bwd_kv": kv, "bwd_q": q}
+                        for kv, q in bwd_candidates(block_d, elt, arch)]
         for tiles in configs:
             kernels = KERNELS if not tiles else (("fwd",) if "fwd" in tiles
                                                  else ("bwd_dkdv", "bwd_dq"))

@@ -145,11 +145,16 @@ def _fwd_blocks(sq: int, block_d: int) -> _Blocks:
     return _Blocks(m, 64 if m == 64 else 32, warps=8 if m == 128 else 4, stages=2)
 
 
-def _bwd_blocks(block_d: int) -> tuple[_Blocks, _Blocks]:
-    """(dK/dV tiles: n = key block, m = inner query block; dQ tiles: m = query block, n = inner)."""
+def _bwd_blocks(block_d: int, arch: int = 90) -> tuple[_Blocks, _Blocks]:
+    """(dK/dV tiles: n = key block, m = inner query block; dQ tiles: m = query block, n = inner).
+
+    `arch`: compute capability (90 Hopper). Before Hopper the D <= 64 dK/dV tile of 128 keys
+    spills ~500 bytes of registers per thread (compiled for sm_80, `bench attention --aot`),
+    so 64 keys are used there; neither choice is timed on a GPU yet.
+    """
     if interpreter_enabled():
         return _Blocks(32, 32), _Blocks(32, 32)
-    if block_d <= 64:
+    if block_d <= 64 and arch >= 90:
         return _Blocks(32, 128, warps=4, stages=2), _Blocks(128, 32, warps=4, stages=2)
     return _Blocks(32, 64, warps=4, stages=2), _Blocks(64, 32, warps=4, stages=2)
 
@@ -159,10 +164,23 @@ def _fwd_tiles(sq: int, block_d: int) -> _Blocks:
     return _override["fwd"] or _fwd_blocks(sq, block_d)
 
 
-def _bwd_tiles(block_d: int) -> tuple[_Blocks, _Blocks]:
+def _bwd_tiles(block_d: int, arch: int = 90) -> tuple[_Blocks, _Blocks]:
     """The (dK/dV, dQ) tiles actually launched: overrides where set, else the heuristic."""
-    kv_cfg, q_cfg = _bwd_blocks(block_d)
+    kv_cfg, q_cfg = _bwd_blocks(block_d, arch)
     return _override["bwd_kv"] or kv_cfg, _override["bwd_q"] or q_cfg
+
+
+capture_arch = 90
+"""Compute capability assumed for tensors not on a GPU (kernels/aot.py sets it while capturing
+launches on CPU tensors for a target)."""
+
+
+def device_arch(t: torch.Tensor) -> int:
+    """Compute capability of t's GPU as an int (90 = Hopper); `capture_arch` off the GPU."""
+    if t.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return 10 * major + minor
+    return capture_arch
 
 
 def _mask_arg(key_padding_mask: torch.Tensor | None, q: torch.Tensor,
@@ -218,7 +236,7 @@ def _backward(saved: tuple, do: torch.Tensor, grads: tuple, kpm: torch.Tensor | 
     batch, heads, sq, dim = q.shape
     sk = k.shape[2]
     block_d = _next_pow2(dim)
-    kv_cfg, q_cfg = _bwd_tiles(block_d)
+    kv_cfg, q_cfg = _bwd_tiles(block_d, device_arch(q))
     delta = torch.empty_like(lse)  # (B, H, Sq) fp32
     _attn_bwd_preprocess[((sq + q_cfg.m - 1) // q_cfg.m, batch * heads)](
         o, do, delta, *o.stride(), *do.stride(), heads, sq,

@@ -211,10 +211,11 @@ def fwd_candidates(sq: int, block_d: int, elt: int = 2) -> list[Blocks]:
     return [default] + [b for b in grid if b != default and fwd_fits(b, block_d, elt)]
 
 
-def bwd_candidates(block_d: int, elt: int = 2) -> list[tuple[Blocks, Blocks]]:
-    """(dK/dV, dQ) tiles: the default first, then BWD_PAIRS x BWD_WARPS x BWD_STAGES that fit
-    (warps and stages shared by both kernels). Default limits: 10 for D <= 64, 8 for D <= 128."""
-    default = _bwd_blocks(block_d)
+def bwd_candidates(block_d: int, elt: int = 2, arch: int = 90) -> list[tuple[Blocks, Blocks]]:
+    """(dK/dV, dQ) tiles: the default (for compute capability `arch`) first, then BWD_PAIRS x
+    BWD_WARPS x BWD_STAGES that fit (warps and stages shared by both kernels). Default limits:
+    10 for D <= 64, 8 for D <= 128."""
+    default = _bwd_blocks(block_d, arch)
     grid = [(Blocks(*kv, w, s), Blocks(*q, w, s)) for kv, q in BWD_PAIRS for w in BWD_WARPS
             for s in BWD_STAGES]
     return [default] + [c for c in grid if c != default and bwd_fits(*c, block_d, elt)]
@@ -332,7 +333,8 @@ def _sweep_shape_cuda(shape_name: str, dtype: torch.dtype, candidates: dict[str,
     shape = SHAPES[shape_name]
     block_d, elt = _next_pow2(shape[4]), torch.finfo(dtype).bits // 8
     fwd = candidates.get("fwd") or fwd_candidates(shape[2], block_d, elt)
-    bwd = candidates.get("bwd") or bwd_candidates(block_d, elt)
+    major, minor = torch.cuda.get_device_capability()
+    bwd = candidates.get("bwd") or bwd_candidates(block_d, elt, 10 * major + minor)
     try:
         timer = _cuda_timer(shape, dtype, warmup, iters)
     except Exception as e:  # noqa: BLE001
