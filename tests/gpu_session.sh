@@ -9,7 +9,9 @@
 #   bash tests/gpu_session.sh train       # bench train ViT-B/32, B/16, L/14 vs compiled OpenCLIP
 #   bash tests/gpu_session.sh levers      # ViT-B/16: per-step sync, engine.compile, triton, both
 #   bash tests/gpu_session.sh memory      # ViT-g/14, ViT-bigG/14 with ZeRO-3 + offload + act. ckpt
-#   bash tests/gpu_session.sh all         # the three above (may not fit one 10-minute call)
+#   bash tests/gpu_session.sh quick       # what matters most, in one call of <= 9 minutes
+#                                         # (a 15-minute device budget): see quick() below
+#   bash tests/gpu_session.sh all         # check, attention, train (may not fit one call)
 # Results land in $OUT (logs and JSON; at most 8 files come back).
 set -uo pipefail
 stage=${1:-all}
@@ -88,6 +90,32 @@ memory() {
   done
 }
 
+# One call for a short device budget: every step has its own time limit and appends to
+# $OUT/quick.txt as it finishes, so a step that hangs or fails costs only its own slot.
+quick() {
+  local log="$OUT/quick.txt"
+  step() {  # step SECONDS NAME COMMAND...
+    local limit=$1 name=$2; shift 2
+    local t0=$SECONDS
+    echo "== $name (limit ${limit}s)" >> "$log"
+    timeout -k 10 "$limit" "$@" >> "$log" 2>&1
+    echo "== $name rc=$? in $((SECONDS - t0))s" | tee -a "$log"
+  }
+  : > "$log"
+  step 150 "kernel parity (bf16, fp16)" $py -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_attention_triton.py
+  step 150 "bench attention" $py -m mmpretrain.cli bench attention --warmup 5 --iters 30 \
+    --shapes vit_b16,vit_l14,vit_l14_336,text_causal \
+    --impls triton,sdpa_flash,sdpa_cudnn,flex --json "$OUT/attention.json"
+  step 200 "bench train vit_b16 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
+    bench train --model vit_b16 --batch 256 --zero 1 --steps 15 --warmup 6 \
+    --compare open_clip engine.compile=true
+  step 100 "bench train vit_b16 compiled + triton attention" $py -m mmpretrain.cli \
+    bench train --model vit_b16 --batch 256 --zero 1 --steps 15 --warmup 6 \
+    engine.compile=true model.attention=triton
+  grep -E "^==|samples/s|ratio|ms " "$log" | tail -60
+}
+
 case "$stage" in
   check) check ;;
   attention) attention ;;
@@ -95,6 +123,7 @@ case "$stage" in
   train) train ;;
   levers) levers ;;
   memory) memory ;;
+  quick) quick ;;
   all) check; attention; train ;;
-  *) echo "unknown stage $stage (check|attention|tiles|train|levers|memory|all)"; exit 2 ;;
+  *) echo "unknown stage $stage (check|attention|tiles|train|levers|memory|quick|all)"; exit 2 ;;
 esac
