@@ -33,6 +33,12 @@ CASES = [
     ("cross_17x77_pad", 2, 2, 17, 77, 64, False, "pad"),
     ("cross_77x17_causal_emptyrows", 1, 2, 77, 17, 32, True, None),
     ("cross_40x130_causal_d80", 1, 2, 40, 130, 80, True, "pad"),
+    # several key and query blocks (32 under the interpreter) with no padding mask: the
+    # kernels run interior blocks without masks and only the causal band and ragged tail with
+    ("s100_causal", 1, 2, 100, 100, 64, True, None),
+    ("cross_50x130_causal", 1, 2, 50, 130, 32, True, None),
+    ("cross_130x70_causal_emptyrows", 1, 2, 130, 70, 64, True, None),
+    ("cross_64x96_even", 2, 2, 64, 96, 64, False, None),
 ]
 PACKED_CASES = [
     ("packed_s77_causal_pad", 2, 2, 77, 77, 64, True, "empty"),
