@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mmpretrain.kernels.triton_fwd import LOG2E, _keep_mask
+from mmpretrain.kernels.triton_fwd import LOG2E, _keep_mask, _unmasked_end
 
 
 @triton.jit
@@ -42,6 +42,64 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols, offs_m,
+                offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn, qk_scale, SEQ_Q, SEQ_K, lo, hi,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_KPM: tl.constexpr):
+    """Accumulate dK, dV (BN, BD) of one key block over the query blocks in [lo, hi).
+
+    Without MASKED the scores are not masked: rows past Sq load q = dO = 0 and add nothing,
+    keys past Sk only reach their own dK/dV rows, which are never stored.
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m  # (BM,)
+        q_mask = (rows[:, None] < SEQ_Q) & d_ok[None, :]  # (BM, BD)
+        q = tl.load(q_base + rows[:, None] * sqs + offs_d[None, :] * sqd,
+                    mask=q_mask, other=0.0)  # (BM, BD)
+        do = tl.load(do_base + rows[:, None] * sdos + offs_d[None, :] * sdod,
+                     mask=q_mask, other=0.0)  # (BM, BD)
+        lse = tl.load(LSE + pid_bh * SEQ_Q + rows, mask=rows < SEQ_Q, other=0.0)  # (BM,)
+        delta = tl.load(DELTA + pid_bh * SEQ_Q + rows, mask=rows < SEQ_Q, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale - (lse * LOG2E)[:, None]  # (BM, BN)
+        if MASKED:
+            keep = _keep_mask(rows, cols, b, KPM, smb, smn, SEQ_Q, SEQ_K, CAUSAL, HAS_KPM)
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.exp2(s)  # (BM, BN)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)  # (BN, BD)
+        dp = tl.dot(do, tl.trans(v))  # (BM, BN)
+        ds = p * (dp - delta[:, None])  # (BM, BN)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)  # (BN, BD)
+    return dk, dv
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, KPM, b, rows, offs_n, offs_d, d_ok,
+              sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K, lo, hi,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_KPM: tl.constexpr):
+    """Accumulate dQ (BM, BD) of one query block over the key blocks in [lo, hi); without
+    MASKED every key there must exist and be visible (`_unmasked_end`)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n  # (BN,)
+        kv_mask = d_ok[None, :]  # (1, BD)
+        if MASKED:
+            kv_mask = kv_mask & (cols < SEQ_K)[:, None]  # (BN, BD)
+        k = tl.load(k_base + cols[:, None] * sks + offs_d[None, :] * skd,
+                    mask=kv_mask, other=0.0)  # (BN, BD)
+        v = tl.load(v_base + cols[:, None] * svs + offs_d[None, :] * svd,
+                    mask=kv_mask, other=0.0)  # (BN, BD)
+        s = tl.dot(q, tl.trans(k)) * qk_scale - (lse * LOG2E)[:, None]  # (BM, BN)
+        if MASKED:
+            keep = _keep_mask(rows, cols, b, KPM, smb, smn, SEQ_Q, SEQ_K, CAUSAL, HAS_KPM)
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.exp2(s)  # (BM, BN)
+        dp = tl.dot(do, tl.trans(v))  # (BM, BN)
+        ds = p * (dp - delta[:, None])  # (BM, BN)
+        dq = tl.dot(ds.to(k.dtype), k, dq)  # (BM, BD)
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
     sqb, sqh, sqs, sqd,
@@ -55,10 +113,7 @@ def _attn_bwd_dkdv(
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
 ):
-    """dK, dV for one key block of one (batch, head). Grid: (cdiv(Sk, BLOCK_N), B * H).
-
-    (Longer than 60 lines: the loads/stores of a Triton kernel do not factor out cheaply.)
-    """
+    """dK, dV for one key block of one (batch, head). Grid: (cdiv(Sk, BLOCK_N), B * H)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
@@ -82,22 +137,12 @@ def _attn_bwd_dkdv(
         # Query rows before the first one that sees this key block contribute nothing.
         lo = tl.maximum(0, pid_n * BLOCK_N - (SEQ_K - SEQ_Q))
         lo = (lo // BLOCK_M) * BLOCK_M
-    for start_m in range(lo, SEQ_Q, BLOCK_M):
-        rows = start_m + offs_m  # (BM,)
-        q_mask = (rows[:, None] < SEQ_Q) & d_ok[None, :]  # (BM, BD)
-        q = tl.load(q_base + rows[:, None] * sqs + offs_d[None, :] * sqd,
-                    mask=q_mask, other=0.0)  # (BM, BD)
-        do = tl.load(do_base + rows[:, None] * sdos + offs_d[None, :] * sdod,
-                     mask=q_mask, other=0.0)  # (BM, BD)
-        lse = tl.load(LSE + pid_bh * SEQ_Q + rows, mask=rows < SEQ_Q, other=0.0)  # (BM,)
-        delta = tl.load(DELTA + pid_bh * SEQ_Q + rows, mask=rows < SEQ_Q, other=0.0)
-        keep = _keep_mask(rows, cols, b, KPM, smb, smn, SEQ_Q, SEQ_K, CAUSAL, HAS_KPM)
-        s = tl.dot(q, tl.trans(k)) * qk_scale - (lse * LOG2E)[:, None]  # (BM, BN)
-        p = tl.exp2(tl.where(keep, s, float("-inf")))  # (BM, BN)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)  # (BN, BD)
-        dp = tl.dot(do, tl.trans(v))  # (BM, BN)
-        ds = p * (dp - delta[:, None])  # (BM, BN)
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)  # (BN, BD)
+    # Masks matter only to causal or padded attention: rows past Sq and keys past Sk add
+    # nothing to the dK/dV that are stored (`_dkdv_inner`). One loop either way: splitting
+    # the causal band off, as the forward does, made ptxas spill ~100 bytes (sm_90).
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
+                         offs_m, offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn, qk_scale,
+                         SEQ_Q, SEQ_K, lo, SEQ_Q, BLOCK_M, CAUSAL or HAS_KPM, CAUSAL, HAS_KPM)
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + h * sdkh + cols[:, None] * sdks + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -141,19 +186,13 @@ def _attn_bwd_dq(
     hi = SEQ_K
     if CAUSAL:
         hi = tl.minimum(SEQ_K, (pid_m + 1) * BLOCK_M + (SEQ_K - SEQ_Q))
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n  # (BN,)
-        kv_mask = (cols[:, None] < SEQ_K) & d_ok[None, :]  # (BN, BD)
-        k = tl.load(k_base + cols[:, None] * sks + offs_d[None, :] * skd,
-                    mask=kv_mask, other=0.0)  # (BN, BD)
-        v = tl.load(v_base + cols[:, None] * svs + offs_d[None, :] * svd,
-                    mask=kv_mask, other=0.0)  # (BN, BD)
-        keep = _keep_mask(rows, cols, b, KPM, smb, smn, SEQ_Q, SEQ_K, CAUSAL, HAS_KPM)
-        s = tl.dot(q, tl.trans(k)) * qk_scale - (lse * LOG2E)[:, None]  # (BM, BN)
-        p = tl.exp2(tl.where(keep, s, float("-inf")))  # (BM, BN)
-        dp = tl.dot(do, tl.trans(v))  # (BM, BN)
-        ds = p * (dp - delta[:, None])  # (BM, BN)
-        dq = tl.dot(ds.to(k.dtype), k, dq)  # (BM, BD)
+    mid = _unmasked_end(pid_m, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KPM, b, rows, offs_n, offs_d, d_ok,
+                   sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K, 0, mid,
+                   BLOCK_N, False, CAUSAL, HAS_KPM)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KPM, b, rows, offs_n, offs_d, d_ok,
+                   sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K, mid, hi,
+                   BLOCK_N, True, CAUSAL, HAS_KPM)
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqs + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=q_mask)

@@ -8,6 +8,11 @@ next power of two) with masked loads; ragged sequence tails are masked too.
 Masking (see `kernels/reference.py`): query i may attend key j iff j < Sk, the key is kept by
 the key-padding mask, and (causal) j <= i + (Sk - Sq). Fully masked rows give O = 0 and a
 finite, very negative LSE, so the backward produces exact zero gradients for them.
+
+Masks are applied only where they can matter (FlashAttention's even-block specialisation):
+without a padding mask, whole key blocks that every row of the query block sees run a loop
+with no per-score compare and select; the causal band and the ragged last block run the
+masked loop. The dQ kernel (`triton_bwd.py`) walks keys the same way.
 """
 from __future__ import annotations
 
@@ -36,6 +41,55 @@ def _keep_mask(rows, cols, b, KPM, smb, smn, SEQ_Q, SEQ_K,
 
 
 @triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KPM, b, rows, offs_n, offs_d, d_ok,
+               sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K, lo, hi,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_KPM: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) over the key blocks in [lo, hi).
+
+    MASKED applies the sequence-end, causal and padding masks; without it every key of these
+    blocks must exist and be visible to every row that is stored (the caller's split).
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n  # (BN,)
+        kt_mask = d_ok[:, None]  # (BD, 1)
+        v_mask = d_ok[None, :]  # (1, BD)
+        if MASKED:
+            kt_mask = kt_mask & (cols < SEQ_K)[None, :]  # (BD, BN)
+            v_mask = v_mask & (cols < SEQ_K)[:, None]  # (BN, BD)
+        kt = tl.load(k_base + cols[None, :] * sks + offs_d[:, None] * skd,
+                     mask=kt_mask, other=0.0)  # (BD, BN)
+        s = tl.dot(q, kt) * qk_scale  # (BM, BN) fp32, log2 domain
+        if MASKED:
+            keep = _keep_mask(rows, cols, b, KPM, smb, smn, SEQ_Q, SEQ_K, CAUSAL, HAS_KPM)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # (BM,)
+        alpha = tl.exp2(m_i - m_new)  # (BM,)
+        p = tl.exp2(s - m_new[:, None])  # (BM, BN), 0 where masked
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * svs + offs_d[None, :] * svd,
+                    mask=v_mask, other=0.0)  # (BN, BD)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # (BM, BD)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _unmasked_end(pid_m, SEQ_Q, SEQ_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
+    """Keys [0, end) form whole BLOCK_N blocks that every row of query block `pid_m` sees:
+    no sequence end inside, and (causal) all left of its first row's diagonal. 0 with a
+    padding mask. Also used by the dQ kernel, which walks the keys the same way."""
+    end = (SEQ_K // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        seen = tl.maximum(pid_m * BLOCK_M + (SEQ_K - SEQ_Q) + 1, 0)  # keys the first row sees
+        end = tl.minimum(end, (seen // BLOCK_N) * BLOCK_N)
+    if HAS_KPM:
+        end = 0
+    return end
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, KPM,
     sqb, sqh, sqs, sqd,
@@ -50,6 +104,7 @@ def _attn_fwd(
     """One program = one (batch*head, query block). Grid: (cdiv(Sq, BLOCK_M), B * H).
 
     Writes O (B, H, Sq, D) and LSE (B, H, Sq) fp32 (natural-log log-sum-exp of scaled scores).
+    Interior key blocks run without masks; the causal band and the ragged tail with them.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -72,22 +127,13 @@ def _attn_fwd(
     if CAUSAL:
         # Key blocks past the last key visible to this query block are skipped entirely.
         hi = tl.minimum(SEQ_K, (pid_m + 1) * BLOCK_M + (SEQ_K - SEQ_Q))
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n  # (BN,)
-        col_ok = cols < SEQ_K
-        kt = tl.load(k_base + cols[None, :] * sks + offs_d[:, None] * skd,
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
-        s = tl.dot(q, kt) * qk_scale  # (BM, BN) fp32, log2 domain
-        keep = _keep_mask(rows, cols, b, KPM, smb, smn, SEQ_Q, SEQ_K, CAUSAL, HAS_KPM)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # (BM,)
-        alpha = tl.exp2(m_i - m_new)  # (BM,)
-        p = tl.exp2(s - m_new[:, None])  # (BM, BN), 0 where masked
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * svs + offs_d[None, :] * svd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # (BN, BD)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # (BM, BD)
-        m_i = m_new
+    mid = _unmasked_end(pid_m, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KPM, b, rows, offs_n, offs_d,
+                               d_ok, sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K,
+                               0, mid, BLOCK_N, False, CAUSAL, HAS_KPM)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KPM, b, rows, offs_n, offs_d,
+                               d_ok, sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K,
+                               mid, hi, BLOCK_N, True, CAUSAL, HAS_KPM)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # fully masked rows: acc = 0 -> O = 0
     out = acc / l_safe[:, None]  # (BM, BD)
     tl.store(O + b * sob + h * soh + rows[:, None] * sos + offs_d[None, :] * sod,
