@@ -9,6 +9,7 @@
 #   bash tests/gpu_session.sh train       # bench train ViT-B/32, B/16, L/14 vs compiled OpenCLIP
 #   bash tests/gpu_session.sh levers      # ViT-B/16: per-step sync, engine.compile, triton, both
 #   bash tests/gpu_session.sh memory      # ViT-g/14, ViT-bigG/14 with ZeRO-3 + offload + act. ckpt
+#   bash tests/gpu_session.sh shards      # ViT-B/16 from real JPEG shards (8 workers) vs synthetic
 #   bash tests/gpu_session.sh quick       # what matters most, in one call of <= 9 minutes
 #                                         # (a 15-minute device budget): see quick() below
 #   bash tests/gpu_session.sh all         # check, attention, train (may not fit one call)
@@ -102,18 +103,35 @@ quick() {
     echo "== $name rc=$? in $((SECONDS - t0))s" | tee -a "$log"
   }
   : > "$log"
-  step 150 "kernel parity (bf16, fp16)" $py -m pytest -q -m gpu -p no:cacheprovider \
+  step 100 "kernel parity (bf16, fp16)" $py -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_attention_triton.py
-  step 150 "bench attention" $py -m mmpretrain.cli bench attention --warmup 5 --iters 30 \
+  step 120 "bench attention" $py -m mmpretrain.cli bench attention --warmup 5 --iters 30 \
     --shapes vit_b16,vit_l14,vit_l14_336,text_causal \
     --impls triton,sdpa_flash,sdpa_cudnn,flex --json "$OUT/attention.json"
-  step 200 "bench train vit_b16 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
+  step 180 "bench train vit_b16 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
     bench train --model vit_b16 --batch 256 --zero 1 --steps 15 --warmup 6 \
     --compare open_clip engine.compile=true
-  step 100 "bench train vit_b16 compiled + triton attention" $py -m mmpretrain.cli \
+  step 80 "bench train vit_b16 compiled + triton attention" $py -m mmpretrain.cli \
     bench train --model vit_b16 --batch 256 --zero 1 --steps 15 --warmup 6 \
     engine.compile=true model.attention=triton
   grep -E "^==|samples/s|ratio|ms " "$log" | tail -60
+}
+
+# ViT-B/16 fed from real JPEG shards (8 workers) next to synthetic data: the issue allows 5%.
+shards() {
+  local dir=/tmp/mmpretrain-bench-shards
+  $py -c "from mmpretrain.data.bench import make_bench_shards as m; print(m('$dir')['pattern'])" \
+    > "$OUT/shards_pattern.txt" 2>> "$OUT/shards.log"
+  local pattern; pattern=$(tail -n 1 "$OUT/shards_pattern.txt")
+  : > "$OUT/shards.jsonl"
+  for data in synthetic "$pattern"; do
+    timeout -k 10 240 $py -m mmpretrain.cli bench train --model vit_b16 --batch 256 --zero 1 \
+      --steps 30 --warmup 8 --workers 8 --data "$data" --json engine.compile=true \
+      > "$OUT/shards.out" 2>> "$OUT/shards.log"
+    echo "bench train vit_b16 data=$data rc=$?"
+    tail -n 1 "$OUT/shards.out" >> "$OUT/shards.jsonl"
+  done
+  tail -c 2000 "$OUT/shards.jsonl"
 }
 
 case "$stage" in
@@ -124,6 +142,7 @@ case "$stage" in
   levers) levers ;;
   memory) memory ;;
   quick) quick ;;
+  shards) shards ;;
   all) check; attention; train ;;
-  *) echo "unknown stage $stage (check|attention|tiles|train|levers|memory|quick|all)"; exit 2 ;;
+  *) echo "unknown stage $stage (check|attention|tiles|train|levers|memory|quick|shards|all)"; exit 2 ;;
 esac
