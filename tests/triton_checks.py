@@ -6,7 +6,8 @@ interpreter. TRITON_INTERPRET must be set before triton is imported, hence a sep
 For every case it compares the output and dq/dk/dv with `attention_reference` on .double()
 inputs; error = max|x - ref| / max(max|ref|, 0.01). Prints one line per case and a final JSON line
 {"dtype": ..., "max_err": {...}, "cases": N}; exits 1 if any error exceeds TOLERANCE[dtype], a
-fully masked row is not exactly 0, or anything is non-finite.
+fully masked row is not exactly 0, or anything is non-finite (also with extreme scores,
+`check_extreme_scores`).
 """
 from __future__ import annotations
 
@@ -106,6 +107,33 @@ def check_case(case: tuple, dtype: torch.dtype, packed: bool) -> dict[str, float
     return errs
 
 
+def check_extreme_scores(dtype: torch.dtype) -> list[str]:
+    """Every score near -640 (q and k anti-aligned, large norms) with ragged key blocks: the
+    unmasked loops then meet exp(-lse) = inf for the zero-loaded keys past Sk, which must stay
+    in their never-stored rows. Returns failures: any non-finite output or gradient, or an
+    output / dK / dV off the reference by more than 1e-3 (dQ is ill-conditioned here)."""
+    failed = []
+    gen = torch.Generator().manual_seed(7)
+    for sq, sk, causal in ((70, 40, False), (40, 70, False), (100, 100, True)):
+        base = torch.randn(32, generator=gen)
+        base = 60 * base / base.norm()
+        q = (base + 0.1 * torch.randn(1, 1, sq, 32, generator=gen)).to(dtype).requires_grad_()
+        k = (-base + 0.1 * torch.randn(1, 1, sk, 32, generator=gen)).to(dtype).requires_grad_()
+        v = torch.randn(1, 1, sk, 32, generator=gen).to(dtype).requires_grad_()
+        out = attention(q, k, v, causal=causal, impl="triton")
+        do = torch.randn(out.shape, generator=gen).to(dtype)
+        got = (out, *torch.autograd.grad(out, (q, k, v), do))
+        ref = _reference(q, k, v, do, causal, None)
+        name = f"extreme_{sq}x{sk}{'_causal' if causal else ''}"
+        if not all(torch.isfinite(t).all() for t in got):
+            failed.append(f"{name}: non-finite output or gradient")
+        for label, x, r in zip(("out", "dk", "dv"), (got[0], got[2], got[3]),
+                               (ref[0], ref[2], ref[3])):
+            if not _rel_err(x, r) <= 1e-3:
+                failed.append(f"{name}:{label}={_rel_err(x, r):.2e}")
+    return failed
+
+
 def main(argv: list[str]) -> int:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     dtype_name = argv[0]
@@ -124,6 +152,7 @@ def main(argv: list[str]) -> int:
                   + " ".join(f"{k}={e:.1e}" for k, e in errs.items())
                   + f" {time.perf_counter() - start:.1f}s" + (" FAIL" if bad else ""),
                   flush=True)
+    failed += check_extreme_scores(dtype)
     print(json.dumps({"dtype": dtype_name, "max_err": worst, "tolerance": tol,
                       "cases": len(CASES) + len(PACKED_CASES), "failed": failed}))
     return 1 if failed else 0
