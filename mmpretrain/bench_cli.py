@@ -37,7 +37,10 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
                 shapes, dtype, warmup=warmup, iters=iters,
                 progress=lambda r: print(bench.progress_line(r), file=sys.stderr, flush=True))
         else:
-            records = bench.bench_attention(shapes, args.impls.split(","), dtype, warmup, iters)
+            records = bench.bench_attention(  # each row on stderr too, as it is measured
+                shapes, args.impls.split(","), dtype, warmup, iters,
+                progress=lambda r: print(bench.format_table([r]).splitlines()[-1],
+                                         file=sys.stderr, flush=True))
     except (RuntimeError, ValueError) as e:
         print(f"mmpretrain bench attention: error: {e}", file=sys.stderr)
         return 2

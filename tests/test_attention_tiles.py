@@ -306,5 +306,33 @@ def test_sweep_without_cuda_is_a_clear_error() -> None:
     assert "CUDA GPU is required" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_comparison_reports_each_cell_as_it_is_measured(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """A run cut short (the GPU session's time limits) keeps the rows it measured: each goes to
+    `progress` (the CLI prints it on stderr) before the next cell starts."""
+    from mmpretrain.cli import main
+
+    measured: list[str] = []
+
+    def fake_cell(impl: str, shape: str, dtype: torch.dtype, warmup: int, iters: int) -> dict:
+        measured.append(f"{shape}/{impl}")
+        if impl == "flex":
+            return {"impl": impl, "shape": shape, "error": "RuntimeError: unsupported"}
+        return {"impl": impl, "shape": shape, "fwd_ms": 1.0, "fwd_tflops": 2.0,
+                "fwd_bwd_ms": 3.0, "fwd_bwd_tflops": 4.0}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "bench_one", fake_cell)
+    seen: list[tuple[str, int]] = []
+    records = bench.bench_attention(["vit_b16", "text_causal"], ["triton", "flex"],
+                                    progress=lambda r: seen.append((r["impl"], len(measured))))
+    assert seen == [("triton", 1), ("flex", 2), ("triton", 3), ("flex", 4)]
+    assert [r["shape"] for r in records] == ["vit_b16", "vit_b16", "text_causal", "text_causal"]
+    assert main(["bench", "attention", "--shapes", "text_causal", "--impls", "triton,flex"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("text_causal") and "1.000" in err[0]
+    assert "n/a (RuntimeError: unsupported)" in err[1]
+
+
 if __name__ == "__main__":
     sys.exit(_interpreter_main())

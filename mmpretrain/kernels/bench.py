@@ -130,8 +130,10 @@ def bench_one(name: str, shape_name: str, dtype: torch.dtype, warmup: int,
 
 
 def bench_attention(shapes: list[str], impls: list[str], dtype: torch.dtype = torch.bfloat16,
-                    warmup: int = 10, iters: int = 50) -> list[dict]:
-    """Every (shape, implementation) cell; raises RuntimeError without CUDA."""
+                    warmup: int = 10, iters: int = 50,
+                    progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """Every (shape, implementation) cell, each passed to `progress` as it is measured (so a
+    run cut short still reports what it measured); raises RuntimeError without CUDA."""
     if not torch.cuda.is_available():
         raise RuntimeError("a CUDA GPU is required and none is visible; "
                            "the Triton kernel's CPU checks are in tests/test_attention_triton.py")
@@ -139,7 +141,13 @@ def bench_attention(shapes: list[str], impls: list[str], dtype: torch.dtype = to
     if unknown:
         raise ValueError(f"unknown shapes/impls {unknown}; shapes: {list(SHAPES)}, "
                          f"impls: {list(IMPLS)}")
-    return [bench_one(impl, shape, dtype, warmup, iters) for shape in shapes for impl in impls]
+    records = []
+    for shape in shapes:
+        for impl in impls:
+            records.append(bench_one(impl, shape, dtype, warmup, iters))
+            if progress is not None:
+                progress(records[-1])
+    return records
 
 
 def format_table(records: list[dict]) -> str:
