@@ -115,7 +115,9 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     opts = BenchOptions(args.model, args.batch, args.data, args.zero, args.steps, args.warmup,
                         args.workers, args.precision, args.overrides, args.sync_each_step)
     try:
-        report = bench_report(opts, args.compare or "")
+        report = bench_report(opts, args.compare or "", progress=lambda ours: print(
+            f"mmpretrain: {ours['samples_per_s']:.1f} samples/s, mfu {ours['mfu']}, peak "
+            f"{ours['peak_mem_gb']} GB (JSON: {json.dumps(ours)})", file=sys.stderr, flush=True))
     except ValueError as e:
         print(f"mmpretrain bench train: error: {e}", file=sys.stderr)
         return 2

@@ -46,6 +46,9 @@ def test_tiny_cpu_run_reports_sane_numbers(tiny_run: subprocess.CompletedProcess
     assert ours["loss"] > 0
     assert ours["versions"]["torch"] and ours["versions"]["deepspeed"]
     assert ours["sync_each_step"] and ours["overrides"] == ["optim.lr=0.0005"]
+    early = [line for line in tiny_run.stderr.splitlines() if line.startswith("mmpretrain: ")]
+    assert len(early) == 1 and "samples/s" in early[0]  # printed before OpenCLIP would start
+    assert json.loads(early[0].split("(JSON: ", 1)[1][:-1]) == ours
     table = format_report(report)
     assert "n/a (unknown peak)" in table and "samples/s" in table
     assert "optim.lr=0.0005, device synced before each step" in table

@@ -272,10 +272,12 @@ def bench_open_clip(opts: BenchOptions, device: torch.device) -> dict[str, Any]:
             "versions": {**versions(), "open_clip": open_clip.__version__}}
 
 
-def bench_report(opts: BenchOptions, compare: str = "") -> dict[str, Any] | None:
+def bench_report(opts: BenchOptions, compare: str = "",
+                 progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
     """Run ours (and OpenCLIP with `compare="open_clip"`): the report on rank 0, else None.
 
-    `notes` lists what was skipped and why (OpenCLIP not installed, a multi-rank job)."""
+    `notes` lists what was skipped and why (OpenCLIP not installed, a multi-rank job).
+    `progress` gets our result before OpenCLIP starts (a run cut short keeps it)."""
     notes: list[str] = []
     with_open_clip = compare == "open_clip"
     if compare not in ("", "open_clip"):
@@ -289,6 +291,8 @@ def bench_report(opts: BenchOptions, compare: str = "") -> dict[str, Any] | None
     ours = bench_mmpretrain(opts)
     if ours is None:
         return None
+    if progress is not None:
+        progress(ours)
     theirs = None
     if with_open_clip and ours["world_size"] > 1:
         notes.append("the OpenCLIP comparison runs in a single process only; skipped")
