@@ -8,10 +8,11 @@ lays them out), and each argument is specialised as Triton's JIT does on a GPU (
 here is what a GPU run compiles for the same shapes and tiles.
 
 Reported per kernel: registers per thread, spill bytes, shared memory, whether Hopper's
-warpgroup MMA (`wgmma`) is used, compile seconds. Uses: `tests/test_attention_aot.py` (every
-launch the tile heuristics pick compiles for sm_90 and sm_80 without spilling) and
-`mmpretrain bench attention --aot` (the same table for the tile sweep's candidates, so that a
-short GPU session need not time configurations that spill).
+warpgroup MMA (`wgmma`) is used, compile seconds (0 when Triton's cache had the kernel). Uses:
+`tests/test_attention_aot.py` (every launch the tile heuristics pick compiles for sm_90 and
+sm_80, within shared memory and a small spill bound) and `mmpretrain bench attention --aot`
+(the same table, also for the tile sweep's candidates: which of them spill, before a GPU
+session times them).
 """
 from __future__ import annotations
 

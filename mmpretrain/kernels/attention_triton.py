@@ -175,10 +175,10 @@ capture_arch = 90
 launches on CPU tensors for a target)."""
 
 
-def device_arch(t: torch.Tensor) -> int:
-    """Compute capability of t's GPU as an int (90 = Hopper); `capture_arch` off the GPU."""
-    if t.device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(t.device)
+def device_arch(device: torch.device) -> int:
+    """Compute capability of a CUDA device as an int (90 = Hopper); `capture_arch` otherwise."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
         return 10 * major + minor
     return capture_arch
 
@@ -236,7 +236,7 @@ def _backward(saved: tuple, do: torch.Tensor, grads: tuple, kpm: torch.Tensor | 
     batch, heads, sq, dim = q.shape
     sk = k.shape[2]
     block_d = _next_pow2(dim)
-    kv_cfg, q_cfg = _bwd_tiles(block_d, device_arch(q))
+    kv_cfg, q_cfg = _bwd_tiles(block_d, device_arch(q.device))
     delta = torch.empty_like(lse)  # (B, H, Sq) fp32
     _attn_bwd_preprocess[((sq + q_cfg.m - 1) // q_cfg.m, batch * heads)](
         o, do, delta, *o.stride(), *do.stride(), heads, sq,

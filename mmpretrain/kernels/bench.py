@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mmpretrain.kernels.attention_triton import Blocks, _bwd_blocks, _fwd_blocks
+from mmpretrain.kernels.attention_triton import (Blocks, _bwd_blocks, _fwd_blocks,
+                                                 device_arch)
 
 # name -> (B, H, Sq, Sk, D, causal)
 SHAPES: dict[str, tuple[int, int, int, int, int, bool]] = {
@@ -341,8 +342,8 @@ def _sweep_shape_cuda(shape_name: str, dtype: torch.dtype, candidates: dict[str,
     shape = SHAPES[shape_name]
     block_d, elt = _next_pow2(shape[4]), torch.finfo(dtype).bits // 8
     fwd = candidates.get("fwd") or fwd_candidates(shape[2], block_d, elt)
-    major, minor = torch.cuda.get_device_capability()
-    bwd = candidates.get("bwd") or bwd_candidates(block_d, elt, 10 * major + minor)
+    arch = device_arch(torch.device("cuda"))
+    bwd = candidates.get("bwd") or bwd_candidates(block_d, elt, arch)
     try:
         timer = _cuda_timer(shape, dtype, warmup, iters)
     except Exception as e:  # noqa: BLE001
