@@ -82,7 +82,17 @@ GPU_SHAPES = [  # (B, H, Sq, Sk, D, causal, padded)
 GPU_TOL = {torch.float16: 1e-2, torch.bfloat16: 3e-2}  # of max |ref|, vs float64 reference
 
 
-def _gpu_case(shape: tuple, dtype: torch.dtype) -> dict[str, float]:
+def _gpu_case(shape: tuple, dtype: torch.dtype, plan: str = "") -> dict[str, float]:
+    """Errors of one case; `plan` "split" / "fused" forces that backward ("": heuristic)."""
+    from mmpretrain.kernels.attention_triton import device_arch, tile_override
+    from mmpretrain.kernels.bench import plan_override
+
+    override = plan_override(f"triton_{plan}", shape[4], device_arch(torch.device("cuda")))
+    with tile_override(**override):
+        return _gpu_errors(shape, dtype)
+
+
+def _gpu_errors(shape: tuple, dtype: torch.dtype) -> dict[str, float]:
     from mmpretrain.kernels.attention_triton import attention_triton
 
     batch, heads, sq, sk, dim, causal, padded = shape
@@ -110,9 +120,25 @@ def _gpu_case(shape: tuple, dtype: torch.dtype) -> dict[str, float]:
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
-def test_gpu_parity(shape: tuple, dtype: torch.dtype) -> None:
-    errs = _gpu_case(shape, dtype)
+@pytest.mark.parametrize("plan", ["split", "fused"])
+def test_gpu_parity(shape: tuple, dtype: torch.dtype, plan: str) -> None:
+    errs = _gpu_case(shape, dtype, plan)
     assert max(errs.values()) <= GPU_TOL[dtype], errs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_heuristic_plan_at_model_batch() -> None:
+    """ViT-B/16 and the causal padded text tower at training batch sizes: the heuristic's own
+    choice (the fused backward on an H100/H200) is run, bf16, and bitwise repeatable."""
+    from mmpretrain.kernels.attention_triton import _use_fused, device_sms
+
+    for shape in ((64, 12, 197, 197, 64, False, False), (128, 8, 77, 77, 64, True, True)):
+        print(shape, "fused" if _use_fused(shape[2], shape[3], shape[0] * shape[1],
+                                           device_sms(torch.device("cuda"))) else "split")
+        first, again = _gpu_case(shape, torch.bfloat16), _gpu_case(shape, torch.bfloat16)
+        assert max(first.values()) <= GPU_TOL[torch.bfloat16], first
+        assert first == again  # no atomics: the same inputs give the same gradients
 
 
 @pytest.mark.gpu

@@ -6,26 +6,32 @@ True = attend, fully masked rows -> 0 output and 0 grads, scale defaults to D **
 * Inputs fp16 / bf16 (fp32 too, mainly for interpreter tests); fp32 accumulation; D <= 128
   (padded inside the kernels to the next power of two); any Sq, Sk (masked ragged tails).
 * The forward saves only O and the per-row log-sum-exp (fp32, (B, H, Sq)); the backward
-  recomputes the probabilities (kernels in `triton_fwd.py` / `triton_bwd.py`).
+  recomputes the probabilities (kernels in `triton_fwd.py` / `triton_bwd.py`), either split
+  (a dK/dV kernel and a dQ kernel, each recomputing them) or fused (one program per
+  (batch, head) computing them once; `_use_fused`: short sequences, enough heads).
 * Inputs are read through their strides: `attention_packed_triton` takes the (B, S, 3, H, D)
   output of a fused QKV projection and never copies q, k or v; its backward writes dq/dk/dv
   straight into one (B, S, 3, H, D) gradient. Outputs are allocated (B, S, H, D)-contiguous
   and returned as (B, H, S, D) views, so the caller's transpose + reshape is free.
 * On CPU the kernels run only under Triton's interpreter (`TRITON_INTERPRET=1` set before
   triton is imported); there bf16 `tl.dot` is wrong (Triton 3.9), fp16/fp32 are correct.
-* Tiles: `_fwd_blocks` / `_bwd_blocks` heuristics (32x32 under the interpreter) unless
-  `tile_override` / `set_tile_override` replaces them (the sweep in `kernels/bench.py`).
+* Tiles: `_fwd_blocks` / `_bwd_blocks` / `_fused_blocks` heuristics (32x32 under the
+  interpreter) unless `tile_override` / `set_tile_override` replaces them (the sweep in
+  `kernels/bench.py`).
   Overrides are process-wide, not per thread: the backward runs on autograd's threads.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+logger = logging.getLogger("mmpretrain.kernels")
 
 MAX_HEAD_DIM = 128
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -86,7 +92,7 @@ class _Blocks:
 
 Blocks = _Blocks  # public name, for `tile_override` callers
 VALID_WARPS = (1, 2, 4, 8, 16)
-_OVERRIDE_KEYS = ("fwd", "bwd_kv", "bwd_q")
+_OVERRIDE_KEYS = ("fwd", "bwd_kv", "bwd_q", "bwd_fused")
 _override: dict[str, _Blocks | None] = dict.fromkeys(_OVERRIDE_KEYS)
 _POW2 = (lambda v: v >= 16 and v & (v - 1) == 0, "a power of two >= 16 (tl.dot minimum)")
 _CHECKS = {"m": _POW2, "n": _POW2, "warps": (lambda v: v in VALID_WARPS, f"one of {VALID_WARPS}"),
@@ -105,16 +111,22 @@ def _validate_blocks(name: str, blocks: object) -> None:
 
 
 def set_tile_override(fwd: _Blocks | None = None, bwd_kv: _Blocks | None = None,
-                      bwd_q: _Blocks | None = None) -> dict[str, _Blocks | None]:
+                      bwd_q: _Blocks | None = None,
+                      bwd_fused: _Blocks | None = None) -> dict[str, _Blocks | None]:
     """Replace the tile heuristics: `fwd` (forward), `bwd_kv` (dK/dV kernel: n = key block,
-    m = inner query block), `bwd_q` (dQ kernel and the delta preprocess: m = query block).
+    m = inner query block), `bwd_q` (dQ kernel and the delta preprocess: m = query block) of
+    the split backward, or `bwd_fused` (the one-pass backward: n = key block, m = query block).
 
-    None restores the heuristic for that kernel. All three are validated before any is set
-    (ValueError naming the field). Returns the previous overrides (to restore them later).
+    Setting `bwd_kv` or `bwd_q` forces the split backward, `bwd_fused` the fused one (not both:
+    ValueError). None restores the heuristic for that kernel. All are validated before any is
+    set (ValueError naming the field). Returns the previous overrides (to restore them later).
     """
-    new = dict(zip(_OVERRIDE_KEYS, (fwd, bwd_kv, bwd_q)))
+    new = dict(zip(_OVERRIDE_KEYS, (fwd, bwd_kv, bwd_q, bwd_fused)))
     for name in (n for n, b in new.items() if b is not None):
         _validate_blocks(name, new[name])
+    if bwd_fused is not None and (bwd_kv is not None or bwd_q is not None):
+        raise ValueError("tile override: bwd_fused (fused backward) excludes bwd_kv / bwd_q "
+                         "(split backward); set one plan")
     previous = dict(_override)
     _override.update(new)
     return previous
@@ -122,9 +134,10 @@ def set_tile_override(fwd: _Blocks | None = None, bwd_kv: _Blocks | None = None,
 
 @contextlib.contextmanager
 def tile_override(fwd: _Blocks | None = None, bwd_kv: _Blocks | None = None,
-                  bwd_q: _Blocks | None = None) -> Iterator[None]:
+                  bwd_q: _Blocks | None = None,
+                  bwd_fused: _Blocks | None = None) -> Iterator[None]:
     """`set_tile_override` inside a `with` block (forward and backward); restores on exit."""
-    previous = set_tile_override(fwd, bwd_kv, bwd_q)
+    previous = set_tile_override(fwd, bwd_kv, bwd_q, bwd_fused)
     try:
         yield
     finally:
@@ -165,9 +178,35 @@ def _fwd_tiles(sq: int, block_d: int) -> _Blocks:
 
 
 def _bwd_tiles(block_d: int, arch: int = 90) -> tuple[_Blocks, _Blocks]:
-    """The (dK/dV, dQ) tiles actually launched: overrides where set, else the heuristic."""
+    """The split backward's (dK/dV, dQ) tiles: overrides where set, else the heuristic."""
     kv_cfg, q_cfg = _bwd_blocks(block_d, arch)
     return _override["bwd_kv"] or kv_cfg, _override["bwd_q"] or q_cfg
+
+
+FUSED_MAX_SEQ = 1024
+"""Longest Sq and Sk the heuristic sends to the fused backward (one program per head)."""
+
+
+def _fused_blocks(block_d: int, arch: int = 90) -> _Blocks:
+    """Fused backward tiles (n = key block, m = query block); untimed on GPU so far. Chosen
+    among the tiles ptxas compiles without spills (`bench attention --aot --sweep`): with
+    Hopper's wgmma a 64x64 tile for D <= 64; 32 queries x 64 keys otherwise (64x64 spills
+    ~170 bytes per thread on sm_80)."""
+    if interpreter_enabled():
+        return _Blocks(32, 32)
+    if block_d <= 64 and arch >= 90:
+        return _Blocks(64, 64, warps=4, stages=1)
+    return _Blocks(32, 64, warps=8, stages=1)
+
+
+def _use_fused(sq: int, sk: int, programs: int, sms: int) -> bool:
+    """Heuristic plan choice (a prediction until timed): fused when both sequences are short
+    and the (batch, head) programs fill the GPU at least once; split otherwise."""
+    if _override["bwd_fused"] is not None:
+        return True
+    if _override["bwd_kv"] is not None or _override["bwd_q"] is not None:
+        return False
+    return max(sq, sk) <= FUSED_MAX_SEQ and programs >= sms
 
 
 capture_arch = 90
@@ -181,6 +220,17 @@ def device_arch(device: torch.device) -> int:
         major, minor = torch.cuda.get_device_capability(device)
         return 10 * major + minor
     return capture_arch
+
+
+capture_sms = 132
+"""Multiprocessor count assumed for tensors not on a GPU (an H100 SXM's)."""
+
+
+def device_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; `capture_sms` otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return capture_sms
 
 
 def _mask_arg(key_padding_mask: torch.Tensor | None, q: torch.Tensor,
@@ -228,21 +278,57 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tenso
 
 def _backward(saved: tuple, do: torch.Tensor, grads: tuple, kpm: torch.Tensor | None,
               causal: bool, scale: float) -> None:
-    """Launch the three backward kernels, writing into grads = (dq, dk, dv) (any strides)."""
-    from mmpretrain.kernels.triton_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+    """Launch the backward, writing into grads = (dq, dk, dv) (any strides): the fused or
+    the split plan (`_use_fused`), after the delta preprocess."""
+    from mmpretrain.kernels.triton_bwd import _attn_bwd_preprocess
 
     q, k, v, o, lse = saved
+    batch, heads, sq, dim = q.shape
+    block_d = _next_pow2(dim)
+    arch = device_arch(q.device)
+    fused = _use_fused(sq, k.shape[2], batch * heads, device_sms(q.device))
+    if fused:
+        cfgs = (_override["bwd_fused"] or _fused_blocks(block_d, arch),)
+    else:
+        cfgs = _bwd_tiles(block_d, arch)
+    delta = torch.empty_like(lse)  # (B, H, Sq) fp32
+    block_m = cfgs[-1].m  # the query block of the dQ (or fused) kernel
+    _attn_bwd_preprocess[((sq + block_m - 1) // block_m, batch * heads)](
+        o, do, delta, *o.stride(), *do.stride(), heads, sq,
+        HEAD_D=dim, BLOCK_M=block_m, BLOCK_D=block_d)
+    _log_plan(fused, cfgs, q.shape, k.shape[2], causal)
+    launch = _launch_bwd_fused if fused else _launch_bwd_split
+    launch((q, k, v, do, lse, delta), grads, kpm, causal, scale, cfgs)
+
+
+_logged_plans: set[tuple] = set()
+
+
+def _log_plan(fused: bool, cfgs: tuple, q_shape: torch.Size, sk: int, causal: bool) -> None:
+    """Log the backward plan and tiles once per (plan, tiles, shape, causal)."""
+    key = (fused, cfgs, tuple(q_shape), sk, causal)
+    if key in _logged_plans:
+        return
+    _logged_plans.add(key)
+    batch, heads, sq, dim = q_shape
+    tiles = " + ".join(f"{c.m}x{c.n} w{c.warps} s{c.stages}" for c in cfgs)
+    logger.info("triton attention backward: %s plan (%s) for B*H=%d Sq=%d Sk=%d D=%d%s",
+                "fused" if fused else "split", tiles, batch * heads, sq, sk, dim,
+                " causal" if causal else "")
+
+
+def _launch_bwd_split(ins: tuple, grads: tuple, kpm: torch.Tensor | None, causal: bool,
+                      scale: float, cfgs: tuple[_Blocks, _Blocks]) -> None:
+    """dK/dV kernel (one program per key block), then dQ kernel (one per query block)."""
+    from mmpretrain.kernels.triton_bwd import _attn_bwd_dkdv, _attn_bwd_dq
+
+    q, k, v, do, lse, delta = ins
     dq, dk, dv = grads
+    kv_cfg, q_cfg = cfgs
     batch, heads, sq, dim = q.shape
     sk = k.shape[2]
-    block_d = _next_pow2(dim)
-    kv_cfg, q_cfg = _bwd_tiles(block_d, device_arch(q.device))
-    delta = torch.empty_like(lse)  # (B, H, Sq) fp32
-    _attn_bwd_preprocess[((sq + q_cfg.m - 1) // q_cfg.m, batch * heads)](
-        o, do, delta, *o.stride(), *do.stride(), heads, sq,
-        HEAD_D=dim, BLOCK_M=q_cfg.m, BLOCK_D=block_d)
     mask_t, smb, smn = _mask_launch_args(kpm, lse)
-    common = dict(HEAD_D=dim, BLOCK_D=block_d, CAUSAL=causal, HAS_KPM=kpm is not None)
+    common = dict(HEAD_D=dim, BLOCK_D=_next_pow2(dim), CAUSAL=causal, HAS_KPM=kpm is not None)
     _attn_bwd_dkdv[((sk + kv_cfg.n - 1) // kv_cfg.n, batch * heads)](
         q, k, v, do, dk, dv, lse, delta, mask_t, *q.stride(), *k.stride(), *v.stride(),
         *do.stride(), *dk.stride(), *dv.stride(), smb, smn, scale, heads, sq, sk,
@@ -253,6 +339,31 @@ def _backward(saved: tuple, do: torch.Tensor, grads: tuple, kpm: torch.Tensor | 
         *do.stride(), *dq.stride(), smb, smn, scale, heads, sq, sk,
         BLOCK_M=q_cfg.m, BLOCK_N=q_cfg.n, num_warps=q_cfg.warps, num_stages=q_cfg.stages,
         **common)
+
+
+def _dq_accumulator(programs: int, sq: int, block_d: int, device: torch.device) -> torch.Tensor:
+    """The fused backward's fp32 dQ buffer (B*H, Sq, BD), uninitialised: the kernel writes
+    every row before it reads any (the parity script fills it with NaN to check that)."""
+    return torch.empty(programs, sq, block_d, dtype=torch.float32, device=device)
+
+
+def _launch_bwd_fused(ins: tuple, grads: tuple, kpm: torch.Tensor | None, causal: bool,
+                      scale: float, cfgs: tuple[_Blocks]) -> None:
+    """One program per (batch, head): dK, dV and dQ (through an fp32 accumulator)."""
+    from mmpretrain.kernels.triton_bwd import _attn_bwd_fused
+
+    q, k, v, do, lse, delta = ins
+    dq, dk, dv = grads
+    (cfg,) = cfgs
+    batch, heads, sq, dim = q.shape
+    block_d = _next_pow2(dim)
+    dq_acc = _dq_accumulator(batch * heads, sq, block_d, q.device)  # (B*H, Sq, BD)
+    mask_t, smb, smn = _mask_launch_args(kpm, lse)
+    _attn_bwd_fused[(batch * heads,)](
+        q, k, v, do, dq, dk, dv, dq_acc, lse, delta, mask_t, *q.stride(), *k.stride(),
+        *v.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(), smb, smn, scale,
+        heads, sq, k.shape[2], HEAD_D=dim, BLOCK_M=cfg.m, BLOCK_N=cfg.n, BLOCK_D=block_d,
+        CAUSAL=causal, HAS_KPM=kpm is not None, num_warps=cfg.warps, num_stages=cfg.stages)
 
 
 class _TritonAttention(torch.autograd.Function):

@@ -1,11 +1,15 @@
 """Backward Triton kernels of the fused attention (FlashAttention-2 style, atomic-free).
 
-Private to `kernels/attention_triton.py`. Three kernels:
+Private to `kernels/attention_triton.py`. Two plans, both after
 
 * `_attn_bwd_preprocess`: delta = rowsum(dO * O), (B, H, Sq) fp32.
-* `_attn_bwd_dkdv`: one program per key block, iterating over query blocks; recomputes
-  P = exp(S - LSE) from the forward's LSE and accumulates dK and dV in fp32 registers.
-* `_attn_bwd_dq`: one program per query block, iterating over key blocks, accumulating dQ.
+
+Split (any length): `_attn_bwd_dkdv`, one program per key block iterating over query blocks,
+recomputes P = exp(S - LSE) from the forward's LSE and accumulates dK and dV in fp32
+registers; `_attn_bwd_dq`, one program per query block iterating over key blocks, recomputes P
+and dP again and accumulates dQ. Fused (short sequences, many heads): `_attn_bwd_fused`, one
+program per (batch, head), computes P and dP once per block pair and accumulates dQ in an fp32
+buffer it alone owns.
 
 With dS = P * (dP - delta) and dP = dO V^T: dV = P^T dO, dK = scale * dS^T Q, dQ = scale * dS K.
 Strides and masking follow `triton_fwd.py` (fully masked rows have P = 0, hence zero grads).
@@ -196,3 +200,132 @@ def _attn_bwd_dq(
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqs + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _fused_inner(dk, dv, k, v, q_base, do_base, acc_base, LSE, DELTA, KPM, b, pid_bh, cols,
+                 offs_m, offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn, qk_scale, SEQ_Q, SEQ_K,
+                 lo, start_n, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
+    """`_dkdv_inner` that also adds dS K into the fp32 dQ accumulator rows (BM, BD) at
+    `acc_base` (read-modify-write; the first key block, `start_n` 0, writes instead of adding).
+
+    Without MASKED every key of this block must exist and be visible: unlike dK/dV, dQ sums
+    over keys, so a key past Sk (loaded as 0, P = exp(-lse) possibly inf) must be masked.
+    """
+    for start_m in range(lo, SEQ_Q, BLOCK_M):
+        rows = start_m + offs_m  # (BM,)
+        row_ok = rows < SEQ_Q
+        q_mask = row_ok[:, None] & d_ok[None, :]  # (BM, BD)
+        q = tl.load(q_base + rows[:, None] * sqs + offs_d[None, :] * sqd,
+                    mask=q_mask, other=0.0)  # (BM, BD)
+        do = tl.load(do_base + rows[:, None] * sdos + offs_d[None, :] * sdod,
+                     mask=q_mask, other=0.0)  # (BM, BD)
+        lse = tl.load(LSE + pid_bh * SEQ_Q + rows, mask=row_ok, other=0.0)  # (BM,)
+        delta = tl.load(DELTA + pid_bh * SEQ_Q + rows, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale - (lse * LOG2E)[:, None]  # (BM, BN)
+        if MASKED:
+            keep = _keep_mask(rows, cols, b, KPM, smb, smn, SEQ_Q, SEQ_K, CAUSAL, HAS_KPM)
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.exp2(s)  # (BM, BN)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)  # (BN, BD)
+        dp = tl.dot(do, tl.trans(v))  # (BM, BN)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)  # (BM, BN)
+        dk = tl.dot(tl.trans(ds), q, dk)  # (BN, BD)
+        acc_ptrs = acc_base + rows[:, None] * BLOCK_D + offs_d[None, :]  # (BM, BD)
+        dq = tl.load(acc_ptrs, mask=row_ok[:, None] & (start_n > 0), other=0.0)  # (BM, BD)
+        tl.store(acc_ptrs, tl.dot(ds, k, dq), mask=row_ok[:, None])
+    return dk, dv
+
+
+@triton.jit
+def _fused_key_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b, h,
+                     pid_bh, offs_n, offs_m, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs,
+                     svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd, sdos, sdod,
+                     smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+                     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
+    """Key block [start_n, start_n + BN): dK, dV stored, dQ rows accumulated."""
+    cols = start_n + offs_n  # (BN,)
+    kv_mask = (cols[:, None] < SEQ_K) & d_ok[None, :]  # (BN, BD)
+    k = tl.load(K + b * skb + h * skh + cols[:, None] * sks + offs_d[None, :] * skd,
+                mask=kv_mask, other=0.0)  # (BN, BD)
+    v = tl.load(V + b * svb + h * svh + cols[:, None] * svs + offs_d[None, :] * svd,
+                mask=kv_mask, other=0.0)  # (BN, BD)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        # Rows before the first one that sees this key block contribute nothing; the first
+        # key block still visits every row, to write every row of the dQ accumulator.
+        lo = tl.maximum(0, start_n - (SEQ_K - SEQ_Q))
+        lo = tl.where(start_n == 0, 0, (lo // BLOCK_M) * BLOCK_M)
+    dk, dv = _fused_inner(dk, dv, k, v, q_base, do_base, acc_base, LSE, DELTA, KPM, b, pid_bh,
+                          cols, offs_m, offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn,
+                          sm_scale * LOG2E, SEQ_Q, SEQ_K, lo, start_n,
+                          BLOCK_M, BLOCK_D, MASKED, CAUSAL, HAS_KPM)
+    tl.store(DK + b * sdkb + h * sdkh + cols[:, None] * sdks + offs_d[None, :] * sdkd,
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * sdvb + h * sdvh + cols[:, None] * sdvs + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    # The next key block reads back dQ rows other threads of this program wrote.
+    tl.debug_barrier()
+
+
+@triton.jit
+def _attn_bwd_fused(
+    Q, K, V, DO, DQ, DK, DV, DQ_ACC, LSE, DELTA, KPM,
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sdob, sdoh, sdos, sdod,
+    sdqb, sdqh, sdqs, sdqd,
+    sdkb, sdkh, sdks, sdkd,
+    sdvb, sdvh, sdvs, sdvd,
+    smb, smn,
+    sm_scale, H, SEQ_Q, SEQ_K,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+):
+    """dQ, dK, dV of one whole (batch, head) in one pass. Grid: (B * H,).
+
+    For short sequences (the towers' 77-577 tokens) with many (batch, head) pairs: P and dP
+    are computed once per (query block, key block) instead of once in each of the dK/dV and
+    dQ kernels (5 matmuls and one exp2 per score instead of 7 and two). dQ is summed over key
+    blocks in DQ_ACC (B * H, Sq, BLOCK_D) fp32, owned by this program (no atomics), then
+    scaled and cast into DQ.
+    """
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
+    h = pid_bh % H
+    offs_m = tl.arange(0, BLOCK_M)  # (BM,)
+    offs_n = tl.arange(0, BLOCK_N)  # (BN,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BD,)
+    d_ok = offs_d < HEAD_D
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    acc_base = DQ_ACC + pid_bh.to(tl.int64) * SEQ_Q * BLOCK_D
+    # Whole key blocks run unmasked when nothing is causal or padded; the ragged last one
+    # (or every block, if causal or padded) runs with masks.
+    full = 0
+    if not (CAUSAL or HAS_KPM):
+        full = (SEQ_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full, BLOCK_N):
+        _fused_key_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b,
+                         h, pid_bh, offs_n, offs_m, offs_d, d_ok, skb, skh, sks, skd, svb, svh,
+                         svs, svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd,
+                         sdos, sdod, smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N,
+                         BLOCK_D, False, CAUSAL, HAS_KPM)
+    for start_n in range(full, SEQ_K, BLOCK_N):
+        _fused_key_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b,
+                         h, pid_bh, offs_n, offs_m, offs_d, d_ok, skb, skh, sks, skd, svb, svh,
+                         svs, svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd,
+                         sdos, sdod, smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N,
+                         BLOCK_D, True, CAUSAL, HAS_KPM)
+    for start_m in range(0, SEQ_Q, BLOCK_M):
+        rows = start_m + offs_m  # (BM,)
+        row_ok = rows < SEQ_Q
+        dq = tl.load(acc_base + rows[:, None] * BLOCK_D + offs_d[None, :],
+                     mask=row_ok[:, None], other=0.0)  # (BM, BD) fp32
+        tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqs + offs_d[None, :] * sdqd,
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
