@@ -77,7 +77,8 @@ def _add_bench_attention_parser(bsub: argparse._SubParsersAction) -> None:
                    help="timed runs; the median is reported (default 50; sweep 20)")
     b.add_argument("--sweep", action="store_true",
                    help="instead of the comparison: sweep the Triton kernel's tile sizes per "
-                   "shape (fwd, then fwd+bwd with the best fwd fixed); prints the best configs")
+                   "shape (fwd, then fwd+bwd with the best fwd fixed, split and fused backward "
+                   "plans); prints the best configs")
     b.add_argument("--aot", action="store_true",
                    help="no GPU needed: compile the launches (the heuristic tiles, or with "
                    "--sweep every candidate) for --arch and print registers, spills, shared "

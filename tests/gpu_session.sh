@@ -105,9 +105,9 @@ quick() {
   : > "$log"
   step 100 "kernel parity (bf16, fp16)" $py -m pytest -q -m gpu -p no:cacheprovider \
     -k "not training" tests/test_attention_triton.py  # the kernel on/off run is in `check`
-  step 120 "bench attention" $py -m mmpretrain.cli bench attention --warmup 5 --iters 30 \
+  step 150 "bench attention" $py -m mmpretrain.cli bench attention --warmup 5 --iters 30 \
     --shapes vit_b16,vit_l14,vit_l14_336,text_causal \
-    --impls triton,sdpa_flash,sdpa_cudnn,flex --json "$OUT/attention.json"
+    --impls triton,triton_split,sdpa_flash,sdpa_cudnn,flex --json "$OUT/attention.json"
   step 180 "bench train vit_b16 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
     bench train --model vit_b16 --batch 256 --zero 1 --steps 15 --warmup 6 \
     --compare open_clip engine.compile=true

@@ -26,7 +26,8 @@ pytest.importorskip("triton")
 
 CUDA = torch.cuda.is_available()
 B, H, SQ, SK, D = 1, 2, 40, 40, 32  # tiny: the interpreter is slow
-# name -> (tile_override kwargs, expected launched (BLOCK_M, BLOCK_N) of fwd, dkdv, dq)
+# name -> (tile_override kwargs, expected launched (BLOCK_M, BLOCK_N) of fwd, dkdv, dq or
+# fused; at B * H = 2 the heuristic plan is the split one, `bwd_fused` forces the fused one)
 OVERRIDES: dict[str, tuple[dict, dict]] = {
     "default": ({}, {"fwd": (32, 32), "dkdv": (32, 32), "dq": (32, 32)}),
     "16x16": ({"fwd": Blocks(16, 16), "bwd_kv": Blocks(16, 16, warps=2),
@@ -35,7 +36,10 @@ OVERRIDES: dict[str, tuple[dict, dict]] = {
     "32x64": ({"fwd": Blocks(32, 64, warps=8), "bwd_kv": Blocks(16, 64),
                "bwd_q": Blocks(64, 32)},
               {"fwd": (32, 64), "dkdv": (16, 64), "dq": (64, 32)}),
+    "fused16x32": ({"fwd": Blocks(16, 16), "bwd_fused": Blocks(16, 32, warps=8, stages=1)},
+                   {"fwd": (16, 16), "fused": (16, 32)}),
 }
+KERNEL_KEYS = {"fwd": "fwd", "bwd_kv": "dkdv", "bwd_q": "dq", "bwd_fused": "fused"}
 
 
 # ---------------------------------------------------------------- interpreter (subprocess)
@@ -61,7 +65,8 @@ def _run_case(override: dict, dtype: torch.dtype, packed: bool) -> dict:
 
     calls: dict[str, list[dict]] = {}
     names = {"fwd": (triton_fwd, "_attn_fwd"), "dkdv": (triton_bwd, "_attn_bwd_dkdv"),
-             "dq": (triton_bwd, "_attn_bwd_dq"), "pre": (triton_bwd, "_attn_bwd_preprocess")}
+             "dq": (triton_bwd, "_attn_bwd_dq"), "pre": (triton_bwd, "_attn_bwd_preprocess"),
+             "fused": (triton_bwd, "_attn_bwd_fused")}
     originals = {key: getattr(mod, attr) for key, (mod, attr) in names.items()}
     for key, (mod, attr) in names.items():
         setattr(mod, attr, _Spy(originals[key], calls.setdefault(key, [])))
@@ -87,8 +92,8 @@ def _run_case(override: dict, dtype: torch.dtype, packed: bool) -> dict:
              else (q.grad, k.grad, v.grad))
     ref = _reference(q, k, v, do, True, kpm)
     errs = {n: _rel_err(x, r) for n, x, r in zip(("out", "dq", "dk", "dv"), (out, *grads), ref)}
-    return {"calls": calls, "errs": errs, "restored": at._override == dict.fromkeys(
-        ("fwd", "bwd_kv", "bwd_q"))}
+    return {"calls": calls, "errs": errs,
+            "restored": at._override == dict.fromkeys(at._OVERRIDE_KEYS)}
 
 
 def _interpreter_main() -> int:
@@ -102,6 +107,7 @@ def _interpreter_main() -> int:
         report[dtype_name] = {name: _run_case(ov, dtype, False)
                               for name, (ov, _) in OVERRIDES.items()}
         report[dtype_name]["32x64_packed"] = _run_case(OVERRIDES["32x64"][0], dtype, True)
+        report[dtype_name]["fused_packed"] = _run_case(OVERRIDES["fused16x32"][0], dtype, True)
     print(json.dumps(report))
     return 0
 
@@ -118,16 +124,21 @@ def interp_report() -> dict:
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_override_changes_launched_tiles(interp_report: dict, dtype: str) -> None:
     cases = interp_report[dtype]
-    for name, (override, expected) in [*OVERRIDES.items(), ("32x64_packed", OVERRIDES["32x64"])]:
+    for name, (override, expected) in [*OVERRIDES.items(), ("32x64_packed", OVERRIDES["32x64"]),
+                                       ("fused_packed", OVERRIDES["fused16x32"])]:
         calls = cases[name]["calls"]
+        launched = {k for k in ("fwd", "dkdv", "dq", "fused") if calls[k]}
+        assert launched == set(expected), (name, launched)  # one backward plan, not both
         for kernel, (m, n) in expected.items():
             assert len(calls[kernel]) == 1, (name, kernel, calls)
             launch = calls[kernel][0]
             assert (launch["BLOCK_M"], launch["BLOCK_N"]) == (m, n), (name, kernel, launch)
             rows, blk = (SK, n) if kernel == "dkdv" else (SQ, m)  # dkdv: grid over key blocks
-            assert launch["grid"] == [-(-rows // blk), B * H], (name, kernel, launch)
-        assert calls["pre"][0]["BLOCK_M"] == expected["dq"][0]  # delta uses the dQ row block
-        for key, kernel in (("fwd", "fwd"), ("bwd_kv", "dkdv"), ("bwd_q", "dq")):
+            grid = [B * H] if kernel == "fused" else [-(-rows // blk), B * H]
+            assert launch["grid"] == grid, (name, kernel, launch)
+        # delta uses the query block of the dQ (or fused) kernel
+        assert calls["pre"][0]["BLOCK_M"] == expected.get("dq", expected.get("fused"))[0]
+        for key, kernel in KERNEL_KEYS.items():
             if key in override:
                 assert calls[kernel][0]["num_warps"] == override[key].warps
                 assert calls[kernel][0]["num_stages"] == override[key].stages
@@ -173,13 +184,37 @@ def test_override_state_and_restore() -> None:
         with tile_override():  # nested, all None: the heuristics again
             assert at._fwd_tiles(197, 64) == at._fwd_blocks(197, 64)
         assert at._fwd_tiles(197, 64) == fwd
-    assert at._override == dict.fromkeys(("fwd", "bwd_kv", "bwd_q"))
+    assert at._override == dict.fromkeys(at._OVERRIDE_KEYS)
     previous = set_tile_override(bwd_kv=Blocks(16, 32))
     try:
         assert at._bwd_tiles(128)[0] == Blocks(16, 32)
     finally:
         set_tile_override(**previous)
     assert at._bwd_tiles(128) == at._bwd_blocks(128)
+
+
+def test_backward_plan_choice() -> None:
+    """Fused for short sequences with at least one program per multiprocessor; the overrides
+    force a plan; both plans at once is an error that sets nothing."""
+    assert at._use_fused(197, 197, 256 * 12, 132)  # ViT-B/16 at batch 256
+    assert at._use_fused(77, 77, 132, 132) and not at._use_fused(77, 77, 131, 132)
+    assert at._use_fused(1024, 1024, 1000, 132) and not at._use_fused(1025, 77, 1000, 132)
+    assert not at._use_fused(4096, 4096, 8 * 16, 132)
+    with tile_override(bwd_fused=Blocks(32, 64)):
+        assert at._use_fused(4096, 4096, 1, 132)
+    with tile_override(bwd_q=Blocks(32, 64)):
+        assert not at._use_fused(197, 197, 3072, 132)
+    with pytest.raises(ValueError, match="bwd_fused .* excludes"):
+        set_tile_override(bwd_kv=Blocks(32, 64), bwd_fused=Blocks(32, 64))
+    assert at._override == dict.fromkeys(at._OVERRIDE_KEYS)
+
+
+@pytest.mark.usefixtures("no_interpreter")
+def test_fused_tiles_by_architecture() -> None:
+    """Hopper with D <= 64: 64x64 (no spills compiled for sm_90); otherwise 32x64 on 8 warps
+    (64x64 spills ~170 bytes on sm_80)."""
+    assert at._fused_blocks(64, 90) == Blocks(64, 64, 4, 1)
+    assert at._fused_blocks(64, 80) == at._fused_blocks(128, 90) == Blocks(32, 64, 8, 1)
 
 
 # ---------------------------------------------------------------- sweep logic (fake timer)
@@ -208,6 +243,18 @@ def test_candidates(block_d: int, n_fwd: int, n_bwd: int) -> None:
         assert bench.bwd_fits(kv, q, block_d)
 
 
+@pytest.mark.usefixtures("no_interpreter")
+@pytest.mark.parametrize("block_d, count", [(64, 16), (128, 8)])
+def test_fused_candidates(block_d: int, count: int) -> None:
+    fused = bench.fused_candidates(block_d)
+    assert len(fused) == count == len(set(fused)) and fused[0] == at._fused_blocks(block_d)
+    for b in fused:
+        at._validate_blocks("bwd_fused", b)
+        assert bench.fused_fits(b, block_d)
+    assert not bench.fused_fits(Blocks(128, 128, 4, 1), 64)  # 320 fp32 values per thread
+    assert not bench.fused_fits(Blocks(128, 128, 8, 2), 128)  # 256 KiB of shared memory
+
+
 def test_fits_prunes_what_cannot_fit() -> None:
     assert not bench.fwd_fits(Blocks(128, 128, 8, 4), 128)  # 288 KiB of shared memory
     assert bench.fwd_fits(Blocks(128, 128, 8, 4), 64)  # 144 KiB
@@ -231,6 +278,8 @@ def _fake_timer(calls: list[tuple[str, dict]]):  # noqa: ANN202
             if fwd.n == 128:
                 raise OutOfResources(300000, 232448, "shared memory")
             return 1.0 + abs(fwd.m - 128) / 64 + abs(fwd.n - 32) / 32 + fwd.stages / 10
+        if kernel == "bwd_fused":
+            return 4.0 - override["bwd_fused"].m / 64
         kv, q = override["bwd_kv"], override["bwd_q"]
         if kv.warps == 8:
             raise RuntimeError("PassManager::run failed\nmore lines")
@@ -242,33 +291,38 @@ def _fake_timer(calls: list[tuple[str, dict]]):  # noqa: ANN202
 def test_sweep_shape_with_fake_timer() -> None:
     calls: list[tuple[str, dict]] = []
     fwd, bwd = bench.fwd_candidates(197, 64), bench.bwd_candidates(64)
+    fused = bench.fused_candidates(64)
     seen: list[dict] = []
-    recs = bench.sweep_shape("vit_b16", fwd, bwd, _fake_timer(calls), progress=seen.append)
-    assert seen == recs and len(recs) == len(fwd) + len(bwd) == len(calls)
-    by_kernel = {k: [r for r in recs if r["kernel"] == k] for k in ("fwd", "bwd")}
-    for kernel, expected in (("fwd", {"m": 128, "n": 32, "warps": 4, "stages": 2}),
-                             ("bwd", {"m": 32, "n": 128, "warps": 4, "stages": 2})):
+    recs = bench.sweep_shape("vit_b16", fwd, bwd, _fake_timer(calls), progress=seen.append,
+                             fused_cands=fused)
+    assert seen == recs and len(recs) == len(fwd) + len(bwd) + len(fused) == len(calls)
+    by_kernel = {k: [r for r in recs if r["kernel"] == k] for k in ("fwd", "bwd", "bwd_fused")}
+    for kernel, key, expected in (
+            ("fwd", "fwd", {"m": 128, "n": 32, "warps": 4, "stages": 2}),
+            ("bwd", "bwd_kv", {"m": 32, "n": 128, "warps": 4, "stages": 2}),
+            ("bwd_fused", "bwd_fused", {"m": 128, "n": 64, "warps": 8, "stages": 1})):
         best = [r for r in by_kernel[kernel] if r["best"]]
         assert len(best) == 1
         timed = [r["ms"] for r in by_kernel[kernel] if r["ms"] is not None]
         assert best[0]["ms"] == min(timed)
-        got = best[0]["config"]["fwd" if kernel == "fwd" else "bwd_kv"]
+        got = best[0]["config"][key]
         assert got == expected, (kernel, got)  # ties: the first candidate wins
+    assert all("bwd_kv" not in r["config"] for r in by_kernel["bwd_fused"])  # one plan each
     skipped = [r for r in recs if r["ms"] is None]
     assert skipped and all(r["skipped"] in ("OutOfResources", "RuntimeError") for r in skipped)
     assert {r["skipped"] for r in by_kernel["fwd"] if r["ms"] is None} == {"OutOfResources"}
     assert all(r["config"]["bwd_kv"]["warps"] == 8 for r in by_kernel["bwd"] if r["ms"] is None)
     assert all("\n" not in r["error"] for r in skipped)
-    assert by_kernel["fwd"][0]["default"] and by_kernel["bwd"][0]["default"]
-    assert sum(r["default"] for r in recs) == 2
+    assert all(by_kernel[k][0]["default"] for k in by_kernel)
+    assert sum(r["default"] for r in recs) == 3
     # every backward run used the best forward tile
     best_fwd = Blocks(**next(r for r in by_kernel["fwd"] if r["best"])["config"]["fwd"])
     assert all(ov["fwd"] == best_fwd for kernel, ov in calls if kernel == "bwd")
     json.dumps(recs)  # JSON-serializable as written by --json
     table = bench.format_best(recs)
-    assert table.count("\n") == 3 and "vit_b16" in table and "OutOfResources" not in table
+    assert table.count("\n") == 4 and "vit_b16" in table and "OutOfResources" not in table
     assert bench.config_label(next(r for r in by_kernel["bwd"] if r["best"])) in table
-    assert "kv32x128 q128x32 w4 s2" in table
+    assert "kv32x128 q128x32 w4 s2" in table and "fused128x64 w8 s1" in table
 
 
 def test_sweep_when_every_forward_fails() -> None:

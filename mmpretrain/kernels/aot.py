@@ -31,7 +31,9 @@ from mmpretrain.kernels import attention_triton
 from mmpretrain.kernels.attention_triton import (Blocks, _backward, _empty_bhsd, _forward,
                                                  interpreter_enabled, tile_override)
 
-KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
+KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq", "bwd_fused")
+# the kernels a sweep candidate (keyed by its first tile_override key) compiles
+_SWEPT = {"fwd": ("fwd",), "bwd_kv": ("bwd_dkdv", "bwd_dq"), "bwd_fused": ("bwd_fused",)}
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # opt-in bytes per block
 _PTXAS_USE = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -85,7 +87,8 @@ def _capturing() -> Iterator[list[Launch]]:
 
     targets = {"fwd": (triton_fwd, "_attn_fwd"),
                "bwd_preprocess": (triton_bwd, "_attn_bwd_preprocess"),
-               "bwd_dkdv": (triton_bwd, "_attn_bwd_dkdv"), "bwd_dq": (triton_bwd, "_attn_bwd_dq")}
+               "bwd_dkdv": (triton_bwd, "_attn_bwd_dkdv"), "bwd_dq": (triton_bwd, "_attn_bwd_dq"),
+               "bwd_fused": (triton_bwd, "_attn_bwd_fused")}
     sink: list[Launch] = []
     saved = {name: getattr(mod, attr) for name, (mod, attr) in targets.items()}
     try:
@@ -101,8 +104,10 @@ def capture_launches(batch: int, heads: int, sq: int, sk: int, dim: int, *,
                      dtype: torch.dtype = torch.bfloat16, causal: bool = False,
                      masked: bool = False, packed: bool | None = None,
                      arch: int = 90) -> list[Launch]:
-    """The four launches (forward, backward preprocess, dK/dV, dQ) of one attention call on
-    a GPU of compute capability `arch` (the tile heuristics depend on it).
+    """The launches of one attention call on a GPU of compute capability `arch` (the tile
+    heuristics depend on it): forward, backward preprocess, then dK/dV and dQ (split plan) or
+    the fused backward (the plan `_use_fused` picks from the shape, batch included, with
+    `capture_sms` multiprocessors).
 
     `packed` (default: self-attention, sq == sk): q, k, v are views of one (B, S, 3, H, D)
     projection, as the towers produce them; else separate (B, S, H, D) tensors as the fusion
@@ -227,29 +232,32 @@ def format_builds(rows: list[tuple[str, KernelBuild]]) -> str:
 def aot_table(shape_names: list[str], arch: int = 90, dtype: torch.dtype = torch.bfloat16,
               sweep: bool = False) -> list[dict]:
     """Records for `bench attention --aot`: per benchmark shape (`bench.SHAPES`, captured at
-    batch 2: the batch changes no compiled code), the launches of the tile heuristics, or with
-    `sweep` every candidate of the GPU tile sweep (forward alone; dK/dV + dQ pairs)."""
+    its batch, which picks the backward plan), the launches of the tile heuristics, or with
+    `sweep` every candidate of the GPU tile sweep (forward alone; dK/dV + dQ pairs; fused
+    backward tiles where the sequences are short enough for that plan)."""
     from dataclasses import asdict
 
-    from mmpretrain.kernels.attention_triton import _next_pow2
-    from mmpretrain.kernels.bench import SHAPES, _config, bwd_candidates, fwd_candidates
+    from mmpretrain.kernels.attention_triton import FUSED_MAX_SEQ, _next_pow2
+    from mmpretrain.kernels.bench import (SHAPES, _config, bwd_candidates, fused_candidates,
+                                          fwd_candidates)
 
     unknown = [s for s in shape_names if s not in SHAPES]
     if unknown:
         raise ValueError(f"unknown shapes {unknown}; shapes: {list(SHAPES)}")
     records = []
     for name in shape_names:
-        _, heads, sq, sk, dim, causal = SHAPES[name]
+        batch, heads, sq, sk, dim, causal = SHAPES[name]
         block_d, elt = _next_pow2(dim), torch.finfo(dtype).bits // 8
         configs: list[dict] = [{}]
         if sweep:
             configs = [{"fwd": b} for b in fwd_candidates(sq, block_d, elt)]
             configs += [{"bwd_kv": kv, "bwd_q": q}
                         for kv, q in bwd_candidates(block_d, elt, arch)]
+            if max(sq, sk) <= FUSED_MAX_SEQ:
+                configs += [{"bwd_fused": b} for b in fused_candidates(block_d, elt, arch)]
         for tiles in configs:
-            kernels = KERNELS if not tiles else (("fwd",) if "fwd" in tiles
-                                                 else ("bwd_dkdv", "bwd_dq"))
-            for build in build_attention(2, heads, sq, sk, dim, arch=arch, dtype=dtype,
+            kernels = KERNELS if not tiles else _SWEPT[next(iter(tiles))]
+            for build in build_attention(batch, heads, sq, sk, dim, arch=arch, dtype=dtype,
                                          causal=causal, tiles=tiles, kernels=kernels):
                 records.append({"shape": name, "config": _config(tiles) if tiles else None,
                                 **asdict(build)})
@@ -263,7 +271,7 @@ def format_table(records: list[dict]) -> str:
     rows = []
     for r in records:
         cfg = r["config"]
-        kind = "fwd" if cfg and cfg.get("fwd") else "bwd"
+        kind = next((k for k in ("fwd", "bwd_fused") if cfg and cfg.get(k)), "bwd")
         label = r["shape"] + ("" if cfg is None else " " + config_label({"kernel": kind,
                                                                          "config": cfg}))
         fields = {k: v for k, v in r.items() if k not in ("shape", "config")}

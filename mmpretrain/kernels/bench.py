@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mmpretrain.kernels.attention_triton import (Blocks, _bwd_blocks, _fwd_blocks,
-                                                 device_arch)
+from mmpretrain.kernels.attention_triton import (Blocks, _bwd_blocks, _fused_blocks,
+                                                 _fwd_blocks, _next_pow2, device_arch)
 
 # name -> (B, H, Sq, Sk, D, causal)
 SHAPES: dict[str, tuple[int, int, int, int, int, bool]] = {
@@ -29,7 +29,10 @@ SHAPES: dict[str, tuple[int, int, int, int, int, bool]] = {
     "text_causal": (512, 8, 77, 77, 64, True),
     "long": (8, 16, 4096, 4096, 128, False),
 }
-IMPLS = ("triton", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
+IMPLS = ("triton", "triton_split", "triton_fused", "sdpa_flash", "sdpa_cudnn",
+         "sdpa_efficient", "flex")
+# `triton` backward plan as the heuristic picks it (`_use_fused`); these force one
+TRITON_PLANS = ("triton_split", "triton_fused")
 COPIES = 4  # input sets rotated between timed runs
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -62,7 +65,7 @@ def _flex(causal: bool, sq: int, sk: int, device: torch.device) -> AttnFn:
 
 def make_impl(name: str, causal: bool, sq: int, sk: int, device: torch.device) -> AttnFn:
     """The attention callable (q, k, v) -> out (B, H, Sq, D) for one benchmark column."""
-    if name == "triton":
+    if name == "triton" or name in TRITON_PLANS:
         from mmpretrain.kernels.attention_triton import attention_triton
         return lambda q, k, v: attention_triton(q, k, v, causal=causal)
     if name.startswith("sdpa_"):
@@ -72,6 +75,18 @@ def make_impl(name: str, causal: bool, sq: int, sk: int, device: torch.device) -
     if name == "flex":
         return _flex(causal, sq, sk, device)
     raise ValueError(f"unknown implementation {name!r}; choose from {IMPLS}")
+
+
+def plan_override(name: str, dim: int, arch: int) -> dict[str, Blocks]:
+    """`tile_override` kwargs that force `name`'s backward plan with its heuristic tiles
+    ({} for every other implementation)."""
+    block_d = _next_pow2(dim)
+    if name == "triton_split":
+        kv, q = _bwd_blocks(block_d, arch)
+        return {"bwd_kv": kv, "bwd_q": q}
+    if name == "triton_fused":
+        return {"bwd_fused": _fused_blocks(block_d, arch)}
+    return {}
 
 
 def _inputs(shape: tuple, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
@@ -113,12 +128,15 @@ def bench_one(name: str, shape_name: str, dtype: torch.dtype, warmup: int,
     rec: dict = {"impl": name, "shape": shape_name, "dims": list(shape[:5]),
                  "causal": shape[5], "dtype": str(dtype).replace("torch.", "")}
     try:
+        from mmpretrain.kernels.attention_triton import tile_override
+
         fn = make_impl(name, shape[5], shape[2], shape[3], torch.device("cuda"))
         sets = _inputs(shape, dtype)
-        with torch.no_grad():
-            fwd = _time_ms(lambda s: fn(*s[:3]), sets, warmup, iters)
-        fwd_bwd = _time_ms(
-            lambda s: torch.autograd.grad(fn(*s[:3]), s[:3], s[3]), sets, warmup, iters)
+        with tile_override(**plan_override(name, shape[4], device_arch(sets[0][0].device))):
+            with torch.no_grad():
+                fwd = _time_ms(lambda s: fn(*s[:3]), sets, warmup, iters)
+            fwd_bwd = _time_ms(
+                lambda s: torch.autograd.grad(fn(*s[:3]), s[:3], s[3]), sets, warmup, iters)
     except Exception as e:  # a backend that does not support this shape/dtype/GPU
         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
         return rec
@@ -183,6 +201,7 @@ FWD_M, FWD_N, FWD_WARPS, FWD_STAGES = (64, 128), (32, 64, 128), (4, 8), (2, 3, 4
 BWD_PAIRS = (((32, 64), (64, 32)), ((32, 128), (128, 32)), ((64, 64), (64, 64)),
              ((64, 128), (128, 64)))  # (dK/dV (m, n), dQ (m, n)) tiles
 BWD_WARPS, BWD_STAGES = (4, 8), (2, 3)
+FUSED_M, FUSED_N, FUSED_WARPS, FUSED_STAGES = (32, 64, 128), (64, 128), (4, 8), (1, 2)
 
 Timer = Callable[[str, dict], float]  # (kernel "fwd" | "bwd", tile_override kwargs) -> ms
 
@@ -209,6 +228,15 @@ def bwd_fits(kv: Blocks, q: Blocks, block_d: int, elt: int = 2) -> bool:
             and _fits(q.m, q.m * block_d, q.m * q.n, q.warps, q_smem))
 
 
+def fused_fits(b: Blocks, block_d: int, elt: int = 2) -> bool:
+    """Fused backward: dk, dv (n, D) and dq (m, D) fp32 plus scores (m, n) in registers; K, V
+    + `stages` Q/dO tiles in smem. No rows-per-warp rule: wgmma spreads a 64-row tile over 4
+    warps, and ptxas compiled 32-query tiles on 8 warps without spills (`--aot --sweep`)."""
+    smem = elt * (2 * b.n * block_d + b.stages * 2 * b.m * block_d)
+    values = 2 * b.n * block_d + b.m * block_d + b.m * b.n
+    return values / (32 * b.warps) <= REG_LIMIT and smem <= SMEM_LIMIT
+
+
 def fwd_candidates(sq: int, block_d: int, elt: int = 2) -> list[Blocks]:
     """The heuristic default first, then every (m, n, warps, stages) of FWD_* that fits.
 
@@ -228,6 +256,15 @@ def bwd_candidates(block_d: int, elt: int = 2, arch: int = 90) -> list[tuple[Blo
     grid = [(Blocks(*kv, w, s), Blocks(*q, w, s)) for kv, q in BWD_PAIRS for w in BWD_WARPS
             for s in BWD_STAGES]
     return [default] + [c for c in grid if c != default and bwd_fits(*c, block_d, elt)]
+
+
+def fused_candidates(block_d: int, elt: int = 2, arch: int = 90) -> list[Blocks]:
+    """Fused backward tiles: the default (for compute capability `arch`) first, then FUSED_*
+    that fit. Default limits: 16 for D <= 64, 8 for D <= 128."""
+    default = _fused_blocks(block_d, arch)
+    grid = [Blocks(m, n, w, s) for m in FUSED_M for n in FUSED_N for w in FUSED_WARPS
+            for s in FUSED_STAGES]
+    return [default] + [b for b in grid if b != default and fused_fits(b, block_d, elt)]
 
 
 def _config(override: dict) -> dict:
@@ -264,10 +301,12 @@ def mark_best(records: list[dict]) -> list[dict]:
 
 def sweep_shape(shape_name: str, fwd_cands: list[Blocks],
                 bwd_cands: list[tuple[Blocks, Blocks]], timer: Timer,
-                progress: Callable[[dict], None] | None = None) -> list[dict]:
-    """Time every forward candidate, then fwd+bwd for every backward candidate with the best
-    forward tile fixed (the heuristic if every forward failed). The first candidate of each
-    list is taken to be the heuristic default (`default`: True in its record)."""
+                progress: Callable[[dict], None] | None = None,
+                fused_cands: list[Blocks] = ()) -> list[dict]:
+    """Time every forward candidate, then fwd+bwd for every split backward candidate
+    (kernel `bwd`) and every fused one (`bwd_fused`) with the best forward tile fixed (the
+    heuristic if every forward failed). The first candidate of each list is taken to be the
+    heuristic default (`default`: True in its record)."""
     records = []
     for i, fwd in enumerate(fwd_cands):
         records.append(_try_config(shape_name, "fwd", {"fwd": fwd}, timer, i == 0))
@@ -275,9 +314,11 @@ def sweep_shape(shape_name: str, fwd_cands: list[Blocks],
             progress(records[-1])
     timed = [r for r in records if r["ms"] is not None]
     best_fwd = Blocks(**min(timed, key=lambda r: r["ms"])["config"]["fwd"]) if timed else None
-    for i, (kv, q) in enumerate(bwd_cands):
-        override = {"fwd": best_fwd, "bwd_kv": kv, "bwd_q": q}
-        records.append(_try_config(shape_name, "bwd", override, timer, i == 0))
+    runs = [("bwd", i, {"bwd_kv": kv, "bwd_q": q}) for i, (kv, q) in enumerate(bwd_cands)]
+    runs += [("bwd_fused", i, {"bwd_fused": b}) for i, b in enumerate(fused_cands)]
+    for kernel, i, tiles in runs:
+        records.append(_try_config(shape_name, kernel, {"fwd": best_fwd, **tiles}, timer,
+                                   i == 0))
         if progress:
             progress(records[-1])
     return mark_best(records)
@@ -304,15 +345,19 @@ def sweep_tiles(shape_names: list[str], dtype: torch.dtype = torch.bfloat16,
                 candidates: dict[str, list] | None = None, warmup: int = 5, iters: int = 20,
                 progress: Callable[[dict], None] | None = None) -> list[dict]:
     """Tile sweep of the Triton kernel: per shape, forward tiles alone, then backward tiles
-    (fwd+bwd time, best forward fixed). Returns records (shape, kernel, config, ms, best,
-    default, and `skipped`/`error` for configs that failed); raises RuntimeError without CUDA.
+    of both plans (fwd+bwd time, best forward fixed). Returns records (shape, kernel, config,
+    ms, best, default, and `skipped`/`error` for configs that failed); raises RuntimeError
+    without CUDA.
 
-    `candidates` {"fwd": [Blocks], "bwd": [(dkdv Blocks, dq Blocks)]} replaces the generated
-    lists (`fwd_candidates` / `bwd_candidates`; give the baseline first). Default size for the 5
-    SHAPES: 24 fwd + 10 bwd configs per D=64 shape, 19 + 8 for `long` (D=128). Compiles are
+    `candidates` {"fwd": [Blocks], "bwd": [(dkdv Blocks, dq Blocks)], "fused": [Blocks]}
+    replaces the generated lists (`fwd_candidates` / `bwd_candidates` / `fused_candidates`;
+    give the baseline first). Fused tiles are generated only for shapes the heuristic may send
+    to the fused plan (both sequences <= FUSED_MAX_SEQ). Default size for the 5 SHAPES: 24 fwd
+    + 10 split + 16 fused configs per D=64 shape, 19 + 8 + 0 for `long` (D=128). Compiles are
     shared only between shapes Triton specializes alike (same D and causal, H % 16 == 0 or
-    not): 4 groups here, so 91 forward and 38 backward (2 kernels each) compiles, estimated
-    at 3-5 minutes on an H100 with the default warmup/iters (not measured yet).
+    not): 4 groups here, so 91 forward, 38 split backward (2 kernels each) and 48 fused
+    compiles, estimated at 5-8 minutes on an H100 with the default warmup/iters (not
+    measured yet).
     """
     if not torch.cuda.is_available():
         raise RuntimeError("a CUDA GPU is required and none is visible; "
@@ -337,28 +382,32 @@ def _sweep_shape_cuda(shape_name: str, dtype: torch.dtype, candidates: dict[str,
                       progress: Callable[[dict], None] | None) -> list[dict]:
     """`sweep_shape` with the CUDA timer; a failure to set up (e.g. out of memory for the
     inputs) gives one `setup` record with `skipped` instead of ending the sweep."""
-    from mmpretrain.kernels.attention_triton import _next_pow2
+    from mmpretrain.kernels.attention_triton import FUSED_MAX_SEQ
 
     shape = SHAPES[shape_name]
     block_d, elt = _next_pow2(shape[4]), torch.finfo(dtype).bits // 8
     fwd = candidates.get("fwd") or fwd_candidates(shape[2], block_d, elt)
     arch = device_arch(torch.device("cuda"))
     bwd = candidates.get("bwd") or bwd_candidates(block_d, elt, arch)
+    fused = candidates.get("fused") or (
+        fused_candidates(block_d, elt, arch) if max(shape[2:4]) <= FUSED_MAX_SEQ else [])
     try:
         timer = _cuda_timer(shape, dtype, warmup, iters)
     except Exception as e:  # noqa: BLE001
         return [{"shape": shape_name, "kernel": "setup", "config": None, "ms": None,
                  "best": False, "default": False, "skipped": type(e).__name__,
                  "error": str(e).splitlines()[0][:160] if str(e) else ""}]
-    return sweep_shape(shape_name, fwd, bwd, timer, progress)
+    return sweep_shape(shape_name, fwd, bwd, timer, progress, fused)
 
 
 def _flat_candidates(candidates: dict[str, list]) -> list[tuple[str, object]]:
     """(override name, Blocks) pairs of a `candidates` dict, for validation."""
-    unknown = set(candidates) - {"fwd", "bwd"}
+    unknown = set(candidates) - {"fwd", "bwd", "fused"}
     if unknown:
-        raise ValueError(f"candidates keys must be 'fwd' and/or 'bwd', got {sorted(unknown)}")
+        raise ValueError(f"candidates keys must be among 'fwd', 'bwd', 'fused', got "
+                         f"{sorted(unknown)}")
     flat: list[tuple[str, object]] = [("fwd", b) for b in candidates.get("fwd") or []]
+    flat += [("bwd_fused", b) for b in candidates.get("fused") or []]
     for pair in candidates.get("bwd") or []:
         if not (isinstance(pair, tuple) and len(pair) == 2):
             raise ValueError(f"bwd candidates must be (dkdv Blocks, dq Blocks) pairs, got {pair!r}")
@@ -367,11 +416,15 @@ def _flat_candidates(candidates: dict[str, list]) -> list[tuple[str, object]]:
 
 
 def config_label(rec: dict) -> str:
-    """Short text of a record's tiles: `m128 n64 w4 s3` (fwd), `kv32x128 q128x32 w4 s2` (bwd)."""
+    """Short text of a record's tiles: `m128 n64 w4 s3` (fwd), `kv32x128 q128x32 w4 s2` (bwd),
+    `fused64x64 w4 s1` (bwd_fused: query block x key block)."""
     cfg = rec["config"]
     if rec["kernel"] == "fwd":
         f = cfg["fwd"]
         return f"m{f['m']} n{f['n']} w{f['warps']} s{f['stages']}"
+    if rec["kernel"] == "bwd_fused":
+        f = cfg["bwd_fused"]
+        return f"fused{f['m']}x{f['n']} w{f['warps']} s{f['stages']}"
     kv, q = cfg["bwd_kv"], cfg["bwd_q"]
     warps = f"w{kv['warps']}" if kv["warps"] == q["warps"] else f"w{kv['warps']}/{q['warps']}"
     stages = f"s{kv['stages']}" if kv["stages"] == q["stages"] else \
