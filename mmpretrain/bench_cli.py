@@ -32,6 +32,7 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
     if args.aot:
         return _bench_attention_aot(args, shapes, dtype)
     try:
+        entries = _precompile(args, shapes, dtype)
         if args.sweep:
             records = bench.sweep_tiles(  # progress on stderr: partial results if killed
                 shapes, dtype, warmup=warmup, iters=iters,
@@ -44,10 +45,39 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError) as e:
         print(f"mmpretrain bench attention: error: {e}", file=sys.stderr)
         return 2
+    if entries is not None:
+        from mmpretrain.kernels.precompile import cache_entries
+        print(f"Triton kernels the JIT compiled while timing: {cache_entries() - entries}",
+              file=sys.stderr)
     print(bench.format_best(records) if args.sweep else bench.format_table(records))
     if args.json:
         bench.write_json(records, args.json)
     return 0
+
+
+def _precompile(args: argparse.Namespace, shapes: list[str], dtype: object) -> int | None:
+    """With CUDA and --precompile-workers != 0: compile the kernels about to be timed in
+    parallel (`kernels/precompile.py`), report on stderr; returns the cache's entry count
+    after it (None when skipped)."""
+    import torch
+
+    from mmpretrain.kernels import bench, precompile
+    from mmpretrain.kernels.attention_triton import device_arch, device_sms
+
+    workers = args.precompile_workers
+    if workers == 0 or not torch.cuda.is_available():
+        return None
+    unknown = [s for s in shapes if s not in bench.SHAPES]
+    if unknown:
+        raise ValueError(f"unknown shapes {unknown}; shapes: {list(bench.SHAPES)}")
+    dev = torch.device("cuda")
+    arch, sms = device_arch(dev), device_sms(dev)
+    jobs = (precompile.sweep_jobs(shapes, dtype, arch, sms) if args.sweep else
+            precompile.bench_jobs(shapes, args.impls.split(","), dtype, arch, sms))
+    report = precompile.precompile(jobs, workers if workers > 0 else
+                                   precompile.default_workers())
+    print(f"precompile: {json.dumps(report)}", file=sys.stderr, flush=True)
+    return precompile.cache_entries()
 
 
 def _bench_attention_aot(args: argparse.Namespace, shapes: list[str], dtype: object) -> int:
@@ -84,6 +114,9 @@ def _add_bench_attention_parser(bsub: argparse._SubParsersAction) -> None:
                    "--sweep every candidate) for --arch and print registers, spills, shared "
                    "memory and wgmma use per kernel")
     b.add_argument("--arch", type=int, default=90, help="--aot target: 90 Hopper, 80 Ampere")
+    b.add_argument("--precompile-workers", type=int, default=-1,
+                   help="compile the Triton kernels to be timed first, in this many processes "
+                   "(-1: the CPUs, at most 16; 0: off, the JIT compiles on first launch)")
     b.add_argument("--json", default="", help="also write the records to this JSON file")
     b.set_defaults(func=cmd_bench_attention)
 

@@ -5,7 +5,7 @@
 # On the device machine (the `run` tool, carry [".whl"]), one stage per call:
 #   bash tests/gpu_session.sh check       # GPU tests: kernel parity bf16/fp16, kernel on/off training
 #   bash tests/gpu_session.sh attention   # mmpretrain bench attention, every shape and backend
-#   bash tests/gpu_session.sh tiles       # bench attention --sweep: Triton tile sizes per shape
+#   bash tests/gpu_session.sh tiles       # bench attention --sweep: tile sizes and backward plans
 #   bash tests/gpu_session.sh train       # bench train ViT-B/32, B/16, L/14 vs compiled OpenCLIP
 #   bash tests/gpu_session.sh levers      # ViT-B/16: per-step sync, engine.compile, triton, both
 #   bash tests/gpu_session.sh memory      # ViT-g/14, ViT-bigG/14 with ZeRO-3 + offload + act. ckpt
@@ -103,18 +103,21 @@ quick() {
     echo "== $name rc=$? in $((SECONDS - t0))s" | tee -a "$log"
   }
   : > "$log"
-  step 100 "kernel parity (bf16, fp16)" $py -m pytest -q -m gpu -p no:cacheprovider \
-    -k "not training" tests/test_attention_triton.py  # the kernel on/off run is in `check`
-  step 150 "bench attention" $py -m mmpretrain.cli bench attention --warmup 5 --iters 30 \
+  step 90 "kernel parity (bf16, fp16; split and fused backward)" $py -m pytest -q -m gpu \
+    -p no:cacheprovider -k "not training" tests/test_attention_triton.py  # on/off run: `check`
+  # both bench steps first compile their Triton kernels in parallel (--precompile-workers)
+  step 130 "bench attention" $py -m mmpretrain.cli bench attention --warmup 5 --iters 30 \
     --shapes vit_b16,vit_l14,vit_l14_336,text_causal \
     --impls triton,triton_split,sdpa_flash,sdpa_cudnn,flex --json "$OUT/attention.json"
-  step 180 "bench train vit_b16 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
+  step 110 "tile sweep" $py -m mmpretrain.cli bench attention --sweep --warmup 3 --iters 10 \
+    --shapes vit_b16,vit_l14,vit_l14_336,text_causal --json "$OUT/tiles.json"
+  step 150 "bench train vit_b16 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
     bench train --model vit_b16 --batch 256 --zero 1 --steps 15 --warmup 6 \
     --compare open_clip engine.compile=true
-  step 80 "bench train vit_b16 compiled + triton attention" $py -m mmpretrain.cli \
+  step 70 "bench train vit_b16 compiled + triton attention" $py -m mmpretrain.cli \
     bench train --model vit_b16 --batch 256 --zero 1 --steps 15 --warmup 6 \
     engine.compile=true model.attention=triton
-  grep -E "^==|samples/s|ratio|ms " "$log" | tail -60
+  grep -E "^==|^precompile|compiled while|samples/s|ratio|ms |^(vit|text)" "$log" | tail -80
 }
 
 # ViT-B/16 fed from real JPEG shards (8 workers) next to synthetic data: the issue allows 5%.

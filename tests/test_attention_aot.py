@@ -105,12 +105,13 @@ def test_arguments_are_specialised_as_the_jit_does() -> None:
     assert signature["Q"] == "*bf16" and signature["LSE"] == "*fp32"
     assert signature["sqd"] == "constexpr" and constexprs[index["sqd"]] == 1  # unit stride
     assert signature["sqs"] == "i32" and index["sqs"] in attrs  # 3*H*D: divisible by 16
-    assert signature["SEQ_Q"] == "i32" and index["SEQ_Q"] not in attrs  # 197
+    assert signature["SEQ_Q"] == "i32" and attrs[index["SEQ_Q"]] == []  # 197: no attribute
     assert index["Q"] in attrs  # 16-byte aligned pointer
     assert signature["sm_scale"] == "fp32"
     assert constexprs[index["HEAD_D"]] == 64 and constexprs[index["CAUSAL"]] is False
-    assert options == {"num_warps": launch.kwargs["num_warps"],
-                       "num_stages": launch.kwargs["num_stages"]}
+    assert (options["num_warps"], options["num_stages"]) == (launch.kwargs["num_warps"],
+                                                             launch.kwargs["num_stages"])
+    assert options["debug"] is False
 
 
 def test_tile_overrides_reach_the_compiled_kernel() -> None:
@@ -148,3 +149,43 @@ def test_cli_prints_and_saves_the_table(tmp_path, capsys: pytest.CaptureFixture)
     assert [r["name"] for r in saved["records"]] == FUSED  # batch 512 x 8 heads
     assert all(r["shape"] == "text_causal" and r["arch"] == 80 for r in saved["records"])
     assert main(["bench", "attention", "--aot", "--shapes", "nope"]) == 2
+
+
+# ---------------------------------------------------------------- precompile (kernels/precompile.py)
+
+def test_precompile_fills_the_cache_a_launch_reads() -> None:
+    """Worker processes compile the benchmark's launches into Triton's cache; compiling the
+    same launches again here (the key a GPU launch computes: same specialisation code) only
+    reads it."""
+    from mmpretrain.kernels import precompile
+    from mmpretrain.kernels.attention_triton import tile_override
+    from mmpretrain.kernels.bench import plan_override
+
+    jobs = precompile.bench_jobs(["text_causal"], ["triton", "triton_split", "sdpa_flash"],
+                                 torch.bfloat16, 90, 132)
+    assert [dict(j.tiles) for j in jobs] == [{}, plan_override("triton_split", 64, 90)]
+    report = precompile.precompile(jobs, workers=2)
+    assert report["failed"] == 0 and report["kernels"] == 3 + 4, report  # fused, then split
+    # fwd shared; preprocess twice (its query block follows the plan); fused, dK/dV, dQ
+    assert report["cache_entries_added"] == 6, report
+    before = precompile.cache_entries()
+    for job in jobs:
+        with tile_override(**dict(job.tiles)):
+            launches = aot.capture_launches(512, 8, 77, 77, 64, causal=True, contiguous=True)
+        for launch in launches:
+            aot.compile_kernel(launch, 90)
+    assert precompile.cache_entries() == before
+
+
+def test_sweep_jobs_cover_every_candidate() -> None:
+    from mmpretrain.kernels import bench, precompile
+
+    jobs = precompile.sweep_jobs(["vit_b16", "long"], torch.bfloat16, 90, 132)
+    by_shape = {s: [j for j in jobs if j.shape == s] for s in ("vit_b16", "long")}
+    for shape, block_d, fused in (("vit_b16", 64, 16), ("long", 128, 0)):
+        kinds = [j.kernels for j in by_shape[shape]]
+        assert kinds.count(("fwd",)) == len(bench.fwd_candidates(bench.SHAPES[shape][2],
+                                                                  block_d))
+        assert kinds.count(precompile.BWD_SPLIT) == len(bench.bwd_candidates(block_d))
+        assert kinds.count(precompile.BWD_FUSED) == fused  # long sequences: never fused
+    assert len({j.tiles for j in jobs}) > 40 and all(j.arch == 90 for j in jobs)

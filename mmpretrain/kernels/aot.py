@@ -103,68 +103,80 @@ def _capturing() -> Iterator[list[Launch]]:
 def capture_launches(batch: int, heads: int, sq: int, sk: int, dim: int, *,
                      dtype: torch.dtype = torch.bfloat16, causal: bool = False,
                      masked: bool = False, packed: bool | None = None,
-                     arch: int = 90) -> list[Launch]:
-    """The launches of one attention call on a GPU of compute capability `arch` (the tile
-    heuristics depend on it): forward, backward preprocess, then dK/dV and dQ (split plan) or
-    the fused backward (the plan `_use_fused` picks from the shape, batch included, with
-    `capture_sms` multiprocessors).
+                     contiguous: bool = False, arch: int = 90, sms: int = 132) -> list[Launch]:
+    """The launches of one attention call on a GPU of compute capability `arch` with `sms`
+    multiprocessors (the tile heuristics depend on both): forward, backward preprocess, then
+    dK/dV and dQ (split plan) or the fused backward (the plan `_use_fused` picks from the
+    shape, batch included).
 
     `packed` (default: self-attention, sq == sk): q, k, v are views of one (B, S, 3, H, D)
     projection, as the towers produce them; else separate (B, S, H, D) tensors as the fusion
-    decoder's cross-attention. `masked`: a (B, Sk) key-padding mask.
+    decoder's cross-attention, or with `contiguous` separate (B, H, S, D) tensors and dO, as
+    `bench attention` makes them. `masked`: a (B, Sk) key-padding mask.
     """
     if interpreter_enabled():
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (the "
                            "interpreter replaces the JIT functions it compiles)")
-    packed = sq == sk if packed is None else packed
-    if packed and sq != sk:
-        raise ValueError(f"packed self-attention needs sq == sk, got {sq} and {sk}")
+    packed = sq == sk and not contiguous if packed is None else packed
+    if packed and (sq != sk or contiguous):
+        raise ValueError(f"packed self-attention needs sq == sk and not contiguous, got "
+                         f"{sq}, {sk}, contiguous={contiguous}")
+    q, k, v, grads = _capture_inputs(batch, heads, sq, sk, dim, dtype, packed, contiguous)
+    kpm = torch.ones(batch, sk, dtype=torch.uint8) if masked else None
+    scale = dim ** -0.5
+    previous = attention_triton.capture_arch, attention_triton.capture_sms
+    attention_triton.capture_arch, attention_triton.capture_sms = arch, sms
+    try:
+        with _capturing() as launches:
+            o, lse = _forward(q, k, v, kpm, causal, scale)
+            do = torch.empty(o.shape, dtype=dtype) if contiguous else torch.empty_like(o)
+            _backward((q, k, v, o, lse), do, grads, kpm, causal, scale)
+    finally:
+        attention_triton.capture_arch, attention_triton.capture_sms = previous
+    return launches
+
+
+def _capture_inputs(batch: int, heads: int, sq: int, sk: int, dim: int, dtype: torch.dtype,
+                    packed: bool, contiguous: bool) -> tuple:
+    """Uninitialised q (B, H, Sq, D), k, v (B, H, Sk, D) and dq, dk, dv in a layout."""
     if packed:
         qkv = torch.empty(batch, sq, 3, heads, dim, dtype=dtype)  # (B, S, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, D) views
-        grads = torch.empty_like(qkv).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v, torch.empty_like(qkv).permute(2, 0, 3, 1, 4).unbind(0)
+    if contiguous:
+        q, k, v = (torch.empty(batch, heads, s, dim, dtype=dtype) for s in (sq, sk, sk))
     else:
         q = torch.empty(batch, sq, heads, dim, dtype=dtype).transpose(1, 2)  # (B, H, Sq, D)
         k, v = (torch.empty(batch, sk, heads, dim, dtype=dtype).transpose(1, 2)
                 for _ in range(2))  # (B, H, Sk, D)
-        grads = (_empty_bhsd(batch, heads, sq, dim, q), _empty_bhsd(batch, heads, sk, dim, k),
-                 _empty_bhsd(batch, heads, sk, dim, v))
-    kpm = torch.ones(batch, sk, dtype=torch.uint8) if masked else None
-    scale = dim ** -0.5
-    previous, attention_triton.capture_arch = attention_triton.capture_arch, arch
-    try:
-        with _capturing() as launches:
-            o, lse = _forward(q, k, v, kpm, causal, scale)
-            _backward((q, k, v, o, lse), torch.empty_like(o), grads, kpm, causal, scale)
-    finally:
-        attention_triton.capture_arch = previous
-    return launches
+    grads = (_empty_bhsd(batch, heads, sq, dim, q), _empty_bhsd(batch, heads, sk, dim, k),
+             _empty_bhsd(batch, heads, sk, dim, v))  # as _TritonAttention.backward makes them
+    return q, k, v, grads
 
 
 def _specialise(launch: Launch, backend: Any) -> tuple[dict, dict, dict, dict]:
-    """(signature, constexprs, attrs, options) as Triton's JIT would build them on a GPU."""
-    from triton.runtime.jit import native_specialize_impl
+    """(signature, constexprs, attrs, options) exactly as Triton's JIT builds them on a GPU,
+    through the JIT's own binder and argument packing (`JITFunction.run` does the same with the
+    options it adds first), so that a compile of this launch is stored under the cache key a
+    GPU launch looks up (`kernels/precompile.py`)."""
+    from triton import knobs
+    from triton.runtime.jit import create_function_from_signature
 
     fn, kwargs = launch.fn, dict(launch.kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    values = list(launch.args) + [kwargs.pop(p.name) for p in fn.params[len(launch.args):]
-                                  if p.name in kwargs]
-    if kwargs or len(values) != len(fn.params):
+    if len(launch.args) + len(kwargs) < len(fn.params):
         raise ValueError(f"{launch.name}: launch arguments do not match the kernel's parameters")
-    signature, constexprs, attrs = {}, {}, {}
-    for i, (param, value) in enumerate(zip(fn.params, values)):
-        if param.is_constexpr:
-            signature[param.name], constexprs[(i,)] = "constexpr", value
-            continue
-        kind, key = native_specialize_impl(backend, value, False, not param.do_not_specialize,
-                                           not param.do_not_specialize_on_alignment)
-        if kind == "constexpr":  # an integer equal to 1
-            signature[param.name], constexprs[(i,)] = "constexpr", key
-            continue
-        signature[param.name] = kind
-        if key == "D":
-            attrs[(i,)] = backend.parse_attr("D")
-    return signature, constexprs, attrs, options
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    for name in _RUN_OPTIONS:  # what this Triton's run() adds (3.6: the first; 3.9: both)
+        if hasattr(knobs.compilation, name):
+            kwargs[name] = getattr(knobs.compilation, name)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
+                                                          specialization, options)
+    return signature, constexprs, attrs, options.__dict__
+
+
+_RUN_OPTIONS = ("instrumentation_mode", "fpsan_homomorphic_casts")
 
 
 def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
@@ -184,8 +196,10 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     return int(used.group(1)), int(spill.group(1)), int(spill.group(2))
 
 
-def compile_launch(launch: Launch, arch: int = 90) -> KernelBuild:
-    """Compile one captured launch for compute capability `arch` (90: Hopper, 80: Ampere)."""
+def compile_kernel(launch: Launch, arch: int = 90) -> tuple[Any, dict, float]:
+    """`triton.compile` one captured launch for compute capability `arch` with the arguments
+    specialised as the JIT would: (compiled kernel, constexprs by index, seconds). The result
+    lands in Triton's on-disk cache under the key a GPU launch of the same call looks up."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -196,7 +210,12 @@ def compile_launch(launch: Launch, arch: int = 90) -> KernelBuild:
     start = time.perf_counter()
     kernel = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs), target=target,
                             options=options)
-    seconds = time.perf_counter() - start
+    return kernel, constexprs, time.perf_counter() - start
+
+
+def compile_launch(launch: Launch, arch: int = 90) -> KernelBuild:
+    """Compile one captured launch for compute capability `arch` (90: Hopper, 80: Ampere)."""
+    kernel, constexprs, seconds = compile_kernel(launch, arch)
     regs, stores, loads = _ptxas_usage(kernel.asm["ptx"], arch)
     names = {(i,): p.name for i, p in enumerate(launch.fn.params)}
     constants = {names[k]: v for k, v in constexprs.items() if names[k].isupper()}
