@@ -48,7 +48,7 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
     if entries is not None:
         from mmpretrain.kernels.precompile import cache_entries
         print(f"Triton kernels the JIT compiled while timing: {cache_entries() - entries}",
-              file=sys.stderr)
+              file=sys.stderr)  # 0 when the precompile's cache keys matched
     print(bench.format_best(records) if args.sweep else bench.format_table(records))
     if args.json:
         bench.write_json(records, args.json)

@@ -382,10 +382,37 @@ def test_comparison_reports_each_cell_as_it_is_measured(monkeypatch: pytest.Monk
                                     progress=lambda r: seen.append((r["impl"], len(measured))))
     assert seen == [("triton", 1), ("flex", 2), ("triton", 3), ("flex", 4)]
     assert [r["shape"] for r in records] == ["vit_b16", "vit_b16", "text_causal", "text_causal"]
-    assert main(["bench", "attention", "--shapes", "text_causal", "--impls", "triton,flex"]) == 0
+    assert main(["bench", "attention", "--shapes", "text_causal", "--impls", "triton,flex",
+                 "--precompile-workers", "0"]) == 0  # no real GPU to compile for
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("text_causal") and "1.000" in err[0]
     assert "n/a (RuntimeError: unsupported)" in err[1]
+
+
+def test_cli_precompiles_what_it_will_time(monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """On a GPU the Triton columns' kernels are compiled first (jobs for the device's
+    architecture and multiprocessors), and the JIT's compiles while timing are reported."""
+    from mmpretrain.cli import main
+    from mmpretrain.kernels import precompile
+
+    jobs_seen: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(at, "device_arch", lambda dev: 90)
+    monkeypatch.setattr(at, "device_sms", lambda dev: 132)
+    monkeypatch.setattr(precompile, "precompile",
+                        lambda jobs, workers: jobs_seen.append((jobs, workers)) or {"jobs": 2})
+    monkeypatch.setattr(precompile, "cache_entries", lambda: 7)
+    monkeypatch.setattr(bench, "bench_one", lambda impl, shape, *a: {
+        "impl": impl, "shape": shape, "fwd_ms": 1.0, "fwd_tflops": 2.0, "fwd_bwd_ms": 3.0,
+        "fwd_bwd_tflops": 4.0})
+    assert main(["bench", "attention", "--shapes", "text_causal", "--impls",
+                 "triton,triton_fused,sdpa_cudnn", "--precompile-workers", "3"]) == 0
+    (jobs, workers), = jobs_seen
+    assert workers == 3 and [j.shape for j in jobs] == ["text_causal"] * 2
+    assert all(j.arch == 90 and j.sms == 132 for j in jobs)
+    err = capsys.readouterr().err
+    assert 'precompile: {"jobs": 2}' in err and "JIT compiled while timing: 0" in err
 
 
 if __name__ == "__main__":

@@ -48,12 +48,16 @@ def _attn_bwd_preprocess(
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols, offs_m,
                 offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn, qk_scale, SEQ_Q, SEQ_K, lo, hi,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_KPM: tl.constexpr):
+                acc_base, start_n, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                ACC_DQ: tl.constexpr):
     """Accumulate dK, dV (BN, BD) of one key block over the query blocks in [lo, hi).
 
     Without MASKED the scores are not masked: rows past Sq load q = dO = 0 and add nothing,
     keys past Sk only reach their own dK/dV rows, which are never stored.
+    With ACC_DQ (the fused backward) dS K is also added into the fp32 dQ rows (BM, BD) at
+    `acc_base` (read-modify-write; the first key block, `start_n` 0, writes instead). dQ sums
+    over keys, so there a key past Sk (loaded as 0, P = exp(-lse) possibly inf) must be masked.
     """
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m  # (BM,)
@@ -71,8 +75,13 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
         p = tl.exp2(s)  # (BM, BN)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)  # (BN, BD)
         dp = tl.dot(do, tl.trans(v))  # (BM, BN)
-        ds = p * (dp - delta[:, None])  # (BM, BN)
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)  # (BN, BD)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)  # (BM, BN)
+        dk = tl.dot(tl.trans(ds), q, dk)  # (BN, BD)
+        if ACC_DQ:
+            acc_ptrs = acc_base + rows[:, None] * BLOCK_D + offs_d[None, :]  # (BM, BD)
+            row_ok = (rows < SEQ_Q)[:, None]
+            dq = tl.load(acc_ptrs, mask=row_ok & (start_n > 0), other=0.0)  # (BM, BD) fp32
+            tl.store(acc_ptrs, tl.dot(ds, k, dq), mask=row_ok)
     return dk, dv
 
 
@@ -146,7 +155,8 @@ def _attn_bwd_dkdv(
     # the causal band off, as the forward does, made ptxas spill ~100 bytes (sm_90).
     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
                          offs_m, offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn, qk_scale,
-                         SEQ_Q, SEQ_K, lo, SEQ_Q, BLOCK_M, CAUSAL or HAS_KPM, CAUSAL, HAS_KPM)
+                         SEQ_Q, SEQ_K, lo, SEQ_Q, DELTA, 0, BLOCK_M, BLOCK_D,
+                         CAUSAL or HAS_KPM, CAUSAL, HAS_KPM, False)
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + h * sdkh + cols[:, None] * sdks + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -203,42 +213,6 @@ def _attn_bwd_dq(
 
 
 @triton.jit
-def _fused_inner(dk, dv, k, v, q_base, do_base, acc_base, LSE, DELTA, KPM, b, pid_bh, cols,
-                 offs_m, offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn, qk_scale, SEQ_Q, SEQ_K,
-                 lo, start_n, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
-    """`_dkdv_inner` that also adds dS K into the fp32 dQ accumulator rows (BM, BD) at
-    `acc_base` (read-modify-write; the first key block, `start_n` 0, writes instead of adding).
-
-    Without MASKED every key of this block must exist and be visible: unlike dK/dV, dQ sums
-    over keys, so a key past Sk (loaded as 0, P = exp(-lse) possibly inf) must be masked.
-    """
-    for start_m in range(lo, SEQ_Q, BLOCK_M):
-        rows = start_m + offs_m  # (BM,)
-        row_ok = rows < SEQ_Q
-        q_mask = row_ok[:, None] & d_ok[None, :]  # (BM, BD)
-        q = tl.load(q_base + rows[:, None] * sqs + offs_d[None, :] * sqd,
-                    mask=q_mask, other=0.0)  # (BM, BD)
-        do = tl.load(do_base + rows[:, None] * sdos + offs_d[None, :] * sdod,
-                     mask=q_mask, other=0.0)  # (BM, BD)
-        lse = tl.load(LSE + pid_bh * SEQ_Q + rows, mask=row_ok, other=0.0)  # (BM,)
-        delta = tl.load(DELTA + pid_bh * SEQ_Q + rows, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale - (lse * LOG2E)[:, None]  # (BM, BN)
-        if MASKED:
-            keep = _keep_mask(rows, cols, b, KPM, smb, smn, SEQ_Q, SEQ_K, CAUSAL, HAS_KPM)
-            s = tl.where(keep, s, float("-inf"))
-        p = tl.exp2(s)  # (BM, BN)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)  # (BN, BD)
-        dp = tl.dot(do, tl.trans(v))  # (BM, BN)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)  # (BM, BN)
-        dk = tl.dot(tl.trans(ds), q, dk)  # (BN, BD)
-        acc_ptrs = acc_base + rows[:, None] * BLOCK_D + offs_d[None, :]  # (BM, BD)
-        dq = tl.load(acc_ptrs, mask=row_ok[:, None] & (start_n > 0), other=0.0)  # (BM, BD)
-        tl.store(acc_ptrs, tl.dot(ds, k, dq), mask=row_ok[:, None])
-    return dk, dv
-
-
-@triton.jit
 def _fused_key_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b, h,
                      pid_bh, offs_n, offs_m, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs,
                      svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd, sdos, sdod,
@@ -260,10 +234,10 @@ def _fused_key_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELT
         # key block still visits every row, to write every row of the dQ accumulator.
         lo = tl.maximum(0, start_n - (SEQ_K - SEQ_Q))
         lo = tl.where(start_n == 0, 0, (lo // BLOCK_M) * BLOCK_M)
-    dk, dv = _fused_inner(dk, dv, k, v, q_base, do_base, acc_base, LSE, DELTA, KPM, b, pid_bh,
-                          cols, offs_m, offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn,
-                          sm_scale * LOG2E, SEQ_Q, SEQ_K, lo, start_n,
-                          BLOCK_M, BLOCK_D, MASKED, CAUSAL, HAS_KPM)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
+                         offs_m, offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn,
+                         sm_scale * LOG2E, SEQ_Q, SEQ_K, lo, SEQ_Q, acc_base, start_n,
+                         BLOCK_M, BLOCK_D, MASKED, CAUSAL, HAS_KPM, True)
     tl.store(DK + b * sdkb + h * sdkh + cols[:, None] * sdks + offs_d[None, :] * sdkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * sdvb + h * sdvh + cols[:, None] * sdvs + offs_d[None, :] * sdvd,
