@@ -32,11 +32,14 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
     if args.aot:
         return _bench_attention_aot(args, shapes, dtype)
     try:
+        if args.tiles and not args.sweep:
+            from mmpretrain.kernels.tiles import load_tile_table
+            load_tile_table(args.tiles)  # the `triton` column launches the measured tiles
         entries = _precompile(args, shapes, dtype)
         if args.sweep:
-            records = bench.sweep_tiles(  # progress on stderr: partial results if killed
-                shapes, dtype, warmup=warmup, iters=iters,
-                progress=lambda r: print(bench.progress_line(r), file=sys.stderr, flush=True))
+            records = bench.sweep_tiles(  # progress on stderr, and the JSON kept current:
+                shapes, dtype, warmup=warmup, iters=iters,  # partial results if killed
+                progress=_sweep_progress(args.json))
         else:
             records = bench.bench_attention(  # each row on stderr too, as it is measured
                 shapes, args.impls.split(","), dtype, warmup, iters,
@@ -53,6 +56,21 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
     if args.json:
         bench.write_json(records, args.json)
     return 0
+
+
+def _sweep_progress(json_path: str):  # noqa: ANN202
+    """Per sweep record: a line on stderr, and (with --json) the file rewritten with every
+    record so far and its best-of marks, so a sweep cut short still leaves a usable table."""
+    from mmpretrain.kernels import bench
+
+    done: list[dict] = []
+
+    def progress(rec: dict) -> None:
+        print(bench.progress_line(rec), file=sys.stderr, flush=True)
+        if json_path:
+            done.append(dict(rec))
+            bench.write_json(bench.mark_best(done), json_path)
+    return progress
 
 
 def _precompile(args: argparse.Namespace, shapes: list[str], dtype: object) -> int | None:
@@ -118,6 +136,9 @@ def _add_bench_attention_parser(bsub: argparse._SubParsersAction) -> None:
                    help="compile the Triton kernels to be timed first, in this many processes "
                    "(-1: the CPUs, at most 16; 0: off, the JIT compiles on first launch)")
     b.add_argument("--json", default="", help="also write the records to this JSON file")
+    b.add_argument("--tiles", default="",
+                   help="a --sweep --json file: the `triton` column uses the tiles and "
+                   "backward plan measured fastest there (as model.attention_tiles does)")
     b.set_defaults(func=cmd_bench_attention)
 
 

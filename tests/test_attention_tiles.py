@@ -40,6 +40,10 @@ OVERRIDES: dict[str, tuple[dict, dict]] = {
                    {"fwd": (16, 16), "fused": (16, 32)}),
 }
 KERNEL_KEYS = {"fwd": "fwd", "bwd_kv": "dkdv", "bwd_q": "dq", "bwd_fused": "fused"}
+# A tile table entry for the (SQ, SK, D, causal) calls below; B * H = 2 programs are too few
+# for the fused plan even though it "measured" faster, so the split tiles are launched.
+TABLE_CHOICE = at._tiles.TileChoice(fwd=Blocks(16, 32), split=(Blocks(16, 32), Blocks(32, 16)),
+                                    fused=Blocks(16, 16), fused_faster=True)
 
 
 # ---------------------------------------------------------------- interpreter (subprocess)
@@ -108,6 +112,12 @@ def _interpreter_main() -> int:
                               for name, (ov, _) in OVERRIDES.items()}
         report[dtype_name]["32x64_packed"] = _run_case(OVERRIDES["32x64"][0], dtype, True)
         report[dtype_name]["fused_packed"] = _run_case(OVERRIDES["fused16x32"][0], dtype, True)
+        # a loaded tile table for this shape class (kernels/tiles.py), no override
+        at._tiles._table[(SQ, SK, D, True)] = TABLE_CHOICE
+        try:
+            report[dtype_name]["table"] = _run_case({}, dtype, False)
+        finally:
+            at._tiles.clear_tile_table()
     print(json.dumps(report))
     return 0
 
@@ -124,8 +134,10 @@ def interp_report() -> dict:
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_override_changes_launched_tiles(interp_report: dict, dtype: str) -> None:
     cases = interp_report[dtype]
+    table = ({}, {"fwd": (16, 32), "dkdv": (16, 32), "dq": (32, 16)})
     for name, (override, expected) in [*OVERRIDES.items(), ("32x64_packed", OVERRIDES["32x64"]),
-                                       ("fused_packed", OVERRIDES["fused16x32"])]:
+                                       ("fused_packed", OVERRIDES["fused16x32"]),
+                                       ("table", table)]:
         calls = cases[name]["calls"]
         launched = {k for k in ("fwd", "dkdv", "dq", "fused") if calls[k]}
         assert launched == set(expected), (name, launched)  # one backward plan, not both

@@ -165,9 +165,13 @@ class ModelConfig:
     max_logit_scale: float = 100.0
     """The logit scale is clamped to at most this value."""
     attention: Literal["auto", "reference", "sdpa", "triton"] = "auto"
-    """Attention implementation: `auto` picks by device and dtype (the fused Triton kernel on
-    CUDA for fp16/bf16 and head dim <= 128, else SDPA; plain PyTorch on CPU); the others force
+    """Attention implementation: `auto` picks by device (SDPA on CUDA, plain PyTorch on CPU;
+    the fused Triton kernel is opt-in until its GPU timings are recorded); the others force
     one (`triton` on CPU only under `TRITON_INTERPRET=1`)."""
+    attention_tiles: str = ""
+    """Path of a `mmpretrain bench attention --sweep --json` file: the Triton kernel then uses
+    the tiles and backward plan measured fastest there for attention calls of the same sequence
+    lengths, head dim and causality (the built-in heuristics elsewhere). Empty: heuristics."""
     activation_checkpointing: bool = False
     """Recompute each Transformer block in the backward pass to save activation memory."""
 

@@ -15,9 +15,9 @@ True = attend, fully masked rows -> 0 output and 0 grads, scale defaults to D **
   and returned as (B, H, S, D) views, so the caller's transpose + reshape is free.
 * On CPU the kernels run only under Triton's interpreter (`TRITON_INTERPRET=1` set before
   triton is imported); there bf16 `tl.dot` is wrong (Triton 3.9), fp16/fp32 are correct.
-* Tiles: `_fwd_blocks` / `_bwd_blocks` / `_fused_blocks` heuristics (32x32 under the
-  interpreter) unless `tile_override` / `set_tile_override` replaces them (the sweep in
-  `kernels/bench.py`).
+* Tiles: `tile_override` / `set_tile_override` (the sweep in `kernels/bench.py`), else the
+  loaded tile table's measured tiles for the call's shape (`kernels/tiles.py`), else the
+  `_fwd_blocks` / `_bwd_blocks` / `_fused_blocks` heuristics (32x32 under the interpreter).
   Overrides are process-wide, not per thread: the backward runs on autograd's threads.
 """
 from __future__ import annotations
@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+from mmpretrain.kernels import tiles as _tiles
 
 logger = logging.getLogger("mmpretrain.kernels")
 
@@ -172,14 +174,17 @@ def _bwd_blocks(block_d: int, arch: int = 90) -> tuple[_Blocks, _Blocks]:
     return _Blocks(32, 64, warps=4, stages=2), _Blocks(64, 32, warps=4, stages=2)
 
 
-def _fwd_tiles(sq: int, block_d: int) -> _Blocks:
-    """The forward tiles actually launched: the override if set, else the heuristic."""
-    return _override["fwd"] or _fwd_blocks(sq, block_d)
+def _fwd_tiles(sq: int, block_d: int, choice: _tiles.TileChoice | None = None) -> _Blocks:
+    """The forward tiles actually launched: the override if set, else the loaded tile table's
+    `choice` for this shape (`kernels/tiles.py`), else the heuristic."""
+    return _override["fwd"] or (choice and choice.fwd) or _fwd_blocks(sq, block_d)
 
 
-def _bwd_tiles(block_d: int, arch: int = 90) -> tuple[_Blocks, _Blocks]:
-    """The split backward's (dK/dV, dQ) tiles: overrides where set, else the heuristic."""
-    kv_cfg, q_cfg = _bwd_blocks(block_d, arch)
+def _bwd_tiles(block_d: int, arch: int = 90,
+               choice: _tiles.TileChoice | None = None) -> tuple[_Blocks, _Blocks]:
+    """The split backward's (dK/dV, dQ) tiles: overrides where set, else the tile table's
+    `choice`, else the heuristic."""
+    kv_cfg, q_cfg = (choice and choice.split) or _bwd_blocks(block_d, arch)
     return _override["bwd_kv"] or kv_cfg, _override["bwd_q"] or q_cfg
 
 
@@ -199,13 +204,17 @@ def _fused_blocks(block_d: int, arch: int = 90) -> _Blocks:
     return _Blocks(32, 64, warps=8, stages=1)
 
 
-def _use_fused(sq: int, sk: int, programs: int, sms: int) -> bool:
-    """Heuristic plan choice (a prediction until timed): fused when both sequences are short
-    and the (batch, head) programs fill the GPU at least once; split otherwise."""
+def _use_fused(sq: int, sk: int, programs: int, sms: int,
+               choice: _tiles.TileChoice | None = None) -> bool:
+    """Backward plan: forced by an override; else fused when the (batch, head) programs fill
+    the GPU at least once and either the tile table's `choice` measured it faster or, without
+    a measurement, both sequences are short (a prediction until timed); split otherwise."""
     if _override["bwd_fused"] is not None:
         return True
     if _override["bwd_kv"] is not None or _override["bwd_q"] is not None:
         return False
+    if choice is not None and choice.fused is not None and choice.split is not None:
+        return choice.fused_faster and programs >= sms
     return max(sq, sk) <= FUSED_MAX_SEQ and programs >= sms
 
 
@@ -266,7 +275,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tenso
     o = _empty_bhsd(batch, heads, sq, dim, q)  # (B, H, Sq, D)
     lse = torch.empty(batch, heads, sq, dtype=torch.float32, device=q.device)  # (B, H, Sq)
     block_d = _next_pow2(dim)
-    cfg = _fwd_tiles(sq, block_d)
+    cfg = _fwd_tiles(sq, block_d, _tiles.lookup(sq, sk, block_d, causal))
     grid = ((sq + cfg.m - 1) // cfg.m, batch * heads)
     mask_t, smb, smn = _mask_launch_args(kpm, lse)
     _attn_fwd[grid](
@@ -286,11 +295,13 @@ def _backward(saved: tuple, do: torch.Tensor, grads: tuple, kpm: torch.Tensor | 
     batch, heads, sq, dim = q.shape
     block_d = _next_pow2(dim)
     arch = device_arch(q.device)
-    fused = _use_fused(sq, k.shape[2], batch * heads, device_sms(q.device))
+    choice = _tiles.lookup(sq, k.shape[2], block_d, causal)
+    fused = _use_fused(sq, k.shape[2], batch * heads, device_sms(q.device), choice)
     if fused:
-        cfgs = (_override["bwd_fused"] or _fused_blocks(block_d, arch),)
+        cfgs = (_override["bwd_fused"] or (choice and choice.fused)
+                or _fused_blocks(block_d, arch),)
     else:
-        cfgs = _bwd_tiles(block_d, arch)
+        cfgs = _bwd_tiles(block_d, arch, choice)
     delta = torch.empty_like(lse)  # (B, H, Sq) fp32
     block_m = cfgs[-1].m  # the query block of the dQ (or fused) kernel
     _attn_bwd_preprocess[((sq + block_m - 1) // block_m, batch * heads)](

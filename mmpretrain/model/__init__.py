@@ -21,11 +21,15 @@ def build_model(cfg: ModelConfig, loss_kind: str = "clip") -> CLIP:
     `cfg` is used as given: resolving `cfg.size` into the other fields is the config loader's
     job. `cfg.attention` is passed to every attention layer and also becomes the process
     default for ``impl="auto"`` (`kernels.set_default_impl`), so other attention users follow
-    the config too. Build under ``with torch.device("meta"):`` to get shapes without memory.
+    the config too; `cfg.attention_tiles` becomes the process's tile table for the Triton
+    kernel. Build under ``with torch.device("meta"):`` to get shapes without memory.
     """
     if loss_kind not in ("clip", "siglip"):
         raise ValueError(f"loss.kind must be 'clip' or 'siglip', got {loss_kind!r}")
     set_default_impl(cfg.attention)
+    if cfg.attention_tiles:
+        from mmpretrain.kernels.tiles import load_tile_table
+        load_tile_table(cfg.attention_tiles)
     cls = CoCa if cfg.fusion.decoder else CLIP
     return cls(cfg, with_logit_bias=loss_kind == "siglip")
 

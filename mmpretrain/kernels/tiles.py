@@ -1,0 +1,114 @@
+"""Tile tables: the fastest tiles a `bench attention --sweep` measured, for the Triton kernel.
+
+`mmpretrain bench attention --sweep --json FILE` times every tile candidate of the forward, the
+split backward and the fused backward per benchmark shape and marks the fastest of each
+(`best`). `load_tile_table(FILE)` (config: `model.attention_tiles`) turns those records into a
+table keyed by (Sq, Sk, head-dim block, causal); `attention_triton` then launches, for calls of
+a matching shape, the measured tiles, and the backward plan that was faster, where no
+`tile_override` is set. Other shapes keep the built-in heuristics. The table is process-wide.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # attention_triton imports this module
+    from mmpretrain.kernels.attention_triton import Blocks
+
+logger = logging.getLogger("mmpretrain.kernels")
+
+TileKey = tuple[int, int, int, bool]  # (Sq, Sk, BLOCK_D, causal)
+
+
+@dataclass(frozen=True)
+class TileChoice:
+    """Measured tiles for one shape class: forward, split backward (dK/dV, dQ), fused
+    backward (each None if not measured) and whether the fused backward was the faster."""
+
+    fwd: Blocks | None = None
+    split: tuple[Blocks, Blocks] | None = None
+    fused: Blocks | None = None
+    fused_faster: bool = False
+
+
+_table: dict[TileKey, TileChoice] = {}
+
+
+def lookup(sq: int, sk: int, block_d: int, causal: bool) -> TileChoice | None:
+    """The loaded table's choice for this call's shape class, or None."""
+    return _table.get((sq, sk, block_d, causal)) if _table else None
+
+
+def clear_tile_table() -> None:
+    """Forget the loaded table (the heuristics apply everywhere again)."""
+    _table.clear()
+
+
+def load_tile_table(path: str | Path) -> dict[TileKey, TileChoice]:
+    """Load a sweep JSON (`bench attention --sweep --json`) as the process's tile table.
+    Raises ValueError naming the file and the record for anything it cannot use."""
+    from mmpretrain.kernels.bench import SHAPES
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        records, meta = data["records"], data.get("meta", {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"attention tile table {path}: not a `bench attention --sweep "
+                         f"--json` file ({type(e).__name__}: {e})") from e
+    best: dict[str, dict[str, dict]] = {}
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or "shape" not in rec or "kernel" not in rec:
+            raise ValueError(f"attention tile table {path}: record {i} has no shape/kernel")
+        if rec.get("best") and rec.get("ms") is not None:
+            if rec["shape"] not in SHAPES:
+                raise ValueError(f"attention tile table {path}: record {i}: unknown shape "
+                                 f"{rec['shape']!r} (known: {list(SHAPES)})")
+            best.setdefault(rec["shape"], {})[rec["kernel"]] = rec
+    table = {_key(SHAPES[name]): _choice(path, name, recs) for name, recs in best.items()}
+    _table.clear()
+    _table.update(table)
+    logger.info("attention tiles from %s (measured on %s) for %s", path,
+                meta.get("gpu", "an unnamed GPU"), ", ".join(best) or "no shape")
+    return table
+
+
+def _key(shape: tuple) -> TileKey:
+    from mmpretrain.kernels.attention_triton import _next_pow2
+
+    _, _, sq, sk, dim, causal = shape
+    return sq, sk, _next_pow2(dim), bool(causal)
+
+
+def _blocks(path: Path, shape: str, name: str, cfg: object) -> Blocks:
+    """A validated Blocks from a record's config entry."""
+    from mmpretrain.kernels.attention_triton import Blocks, _validate_blocks
+
+    try:
+        blocks = Blocks(**cfg)  # type: ignore[arg-type]
+    except TypeError as e:
+        raise ValueError(f"attention tile table {path}: {shape} {name}: {cfg!r} ({e})") from e
+    try:
+        _validate_blocks(name, blocks)
+    except ValueError as e:
+        raise ValueError(f"attention tile table {path}: {shape}: {e}") from e
+    return blocks
+
+
+def _choice(path: Path, shape: str, recs: dict[str, dict]) -> TileChoice:
+    """The TileChoice of one shape's best records (kernels fwd, bwd, bwd_fused)."""
+    fwd = split = fused = None
+    if "fwd" in recs:
+        fwd = _blocks(path, shape, "fwd", recs["fwd"]["config"]["fwd"])
+    if "bwd" in recs:
+        cfg = recs["bwd"]["config"]
+        split = (_blocks(path, shape, "bwd_kv", cfg["bwd_kv"]),
+                 _blocks(path, shape, "bwd_q", cfg["bwd_q"]))
+    if "bwd_fused" in recs:
+        fused = _blocks(path, shape, "bwd_fused", recs["bwd_fused"]["config"]["bwd_fused"])
+    faster = fused is not None and (split is None
+                                    or recs["bwd_fused"]["ms"] < recs["bwd"]["ms"])
+    return TileChoice(fwd, split, fused, faster)
