@@ -113,6 +113,43 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, KPM, b, rows, offs_n, offs_
 
 
 @triton.jit
+def _dkdv_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b, h,
+                pid_bh, offs_n, offs_m, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs, svd,
+                sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd, sdos, sdod, smb, smn,
+                sm_scale, SEQ_Q, SEQ_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_KPM: tl.constexpr, ACC_DQ: tl.constexpr):
+    """Key block [start_n, start_n + BN): dK, dV over the query rows that see it, stored;
+    with ACC_DQ (fused backward) dQ rows are accumulated at `acc_base` too."""
+    cols = start_n + offs_n  # (BN,)
+    kv_mask = (cols[:, None] < SEQ_K) & d_ok[None, :]  # (BN, BD)
+    k = tl.load(K + b * skb + h * skh + cols[:, None] * sks + offs_d[None, :] * skd,
+                mask=kv_mask, other=0.0)  # (BN, BD)
+    v = tl.load(V + b * svb + h * svh + cols[:, None] * svs + offs_d[None, :] * svd,
+                mask=kv_mask, other=0.0)  # (BN, BD)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        # Query rows before the first one that sees this key block contribute nothing.
+        lo = tl.maximum(0, start_n - (SEQ_K - SEQ_Q))
+        lo = (lo // BLOCK_M) * BLOCK_M
+        if ACC_DQ:  # the first key block visits every row: it writes all of the dQ buffer
+            lo = tl.where(start_n == 0, 0, lo)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
+                         offs_m, offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn,
+                         sm_scale * LOG2E, SEQ_Q, SEQ_K, lo, SEQ_Q, acc_base, start_n,
+                         BLOCK_M, BLOCK_D, MASKED, CAUSAL, HAS_KPM, ACC_DQ)
+    tl.store(DK + b * sdkb + h * sdkh + cols[:, None] * sdks + offs_d[None, :] * sdkd,
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * sdvb + h * sdvh + cols[:, None] * sdvs + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    if ACC_DQ:
+        # The next key block reads back dQ rows other threads of this program wrote.
+        tl.debug_barrier()
+
+
+@triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
     sqb, sqh, sqs, sqd,
@@ -126,42 +163,22 @@ def _attn_bwd_dkdv(
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
 ):
-    """dK, dV for one key block of one (batch, head). Grid: (cdiv(Sk, BLOCK_N), B * H)."""
-    pid_n = tl.program_id(0)
+    """dK, dV for one key block of one (batch, head). Grid: (cdiv(Sk, BLOCK_N), B * H).
+
+    Masks matter only to causal or padded attention: rows past Sq and keys past Sk add
+    nothing to the dK/dV that are stored (`_dkdv_inner`). One loop either way: splitting the
+    causal band off, as the forward does, made ptxas spill ~100 bytes (sm_90).
+    """
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
     h = pid_bh % H
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    offs_m = tl.arange(0, BLOCK_M)  # (BM,)
     offs_d = tl.arange(0, BLOCK_D)  # (BD,)
-    d_ok = offs_d < HEAD_D
-    kv_mask = (cols[:, None] < SEQ_K) & d_ok[None, :]  # (BN, BD)
-    k = tl.load(K + b * skb + h * skh + cols[:, None] * sks + offs_d[None, :] * skd,
-                mask=kv_mask, other=0.0)  # (BN, BD)
-    v = tl.load(V + b * svb + h * svh + cols[:, None] * svs + offs_d[None, :] * svd,
-                mask=kv_mask, other=0.0)  # (BN, BD)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdob + h * sdoh
-    qk_scale = sm_scale * LOG2E
-    lo = 0
-    if CAUSAL:
-        # Query rows before the first one that sees this key block contribute nothing.
-        lo = tl.maximum(0, pid_n * BLOCK_N - (SEQ_K - SEQ_Q))
-        lo = (lo // BLOCK_M) * BLOCK_M
-    # Masks matter only to causal or padded attention: rows past Sq and keys past Sk add
-    # nothing to the dK/dV that are stored (`_dkdv_inner`). One loop either way: splitting
-    # the causal band off, as the forward does, made ptxas spill ~100 bytes (sm_90).
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
-                         offs_m, offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn, qk_scale,
-                         SEQ_Q, SEQ_K, lo, SEQ_Q, DELTA, 0, BLOCK_M, BLOCK_D,
-                         CAUSAL or HAS_KPM, CAUSAL, HAS_KPM, False)
-    dk = dk * sm_scale
-    tl.store(DK + b * sdkb + h * sdkh + cols[:, None] * sdks + offs_d[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * sdvb + h * sdvh + cols[:, None] * sdvs + offs_d[None, :] * sdvd,
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    _dkdv_block(tl.program_id(0) * BLOCK_N, K, V, DK, DV, Q + b * sqb + h * sqh,
+                DO + b * sdob + h * sdoh, DELTA, LSE, DELTA, KPM, b, h, pid_bh,
+                tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_M), offs_d, offs_d < HEAD_D, skb, skh,
+                sks, skd, svb, svh, svs, svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd,
+                sqs, sqd, sdos, sdod, smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N,
+                BLOCK_D, CAUSAL or HAS_KPM, CAUSAL, HAS_KPM, False)
 
 
 @triton.jit
@@ -213,40 +230,6 @@ def _attn_bwd_dq(
 
 
 @triton.jit
-def _fused_key_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b, h,
-                     pid_bh, offs_n, offs_m, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs,
-                     svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd, sdos, sdod,
-                     smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-                     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
-    """Key block [start_n, start_n + BN): dK, dV stored, dQ rows accumulated."""
-    cols = start_n + offs_n  # (BN,)
-    kv_mask = (cols[:, None] < SEQ_K) & d_ok[None, :]  # (BN, BD)
-    k = tl.load(K + b * skb + h * skh + cols[:, None] * sks + offs_d[None, :] * skd,
-                mask=kv_mask, other=0.0)  # (BN, BD)
-    v = tl.load(V + b * svb + h * svh + cols[:, None] * svs + offs_d[None, :] * svd,
-                mask=kv_mask, other=0.0)  # (BN, BD)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo = 0
-    if CAUSAL:
-        # Rows before the first one that sees this key block contribute nothing; the first
-        # key block still visits every row, to write every row of the dQ accumulator.
-        lo = tl.maximum(0, start_n - (SEQ_K - SEQ_Q))
-        lo = tl.where(start_n == 0, 0, (lo // BLOCK_M) * BLOCK_M)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
-                         offs_m, offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn,
-                         sm_scale * LOG2E, SEQ_Q, SEQ_K, lo, SEQ_Q, acc_base, start_n,
-                         BLOCK_M, BLOCK_D, MASKED, CAUSAL, HAS_KPM, True)
-    tl.store(DK + b * sdkb + h * sdkh + cols[:, None] * sdks + offs_d[None, :] * sdkd,
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * sdvb + h * sdvh + cols[:, None] * sdvs + offs_d[None, :] * sdvd,
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
-    # The next key block reads back dQ rows other threads of this program wrote.
-    tl.debug_barrier()
-
-
-@triton.jit
 def _attn_bwd_fused(
     Q, K, V, DO, DQ, DK, DV, DQ_ACC, LSE, DELTA, KPM,
     sqb, sqh, sqs, sqd,
@@ -285,17 +268,17 @@ def _attn_bwd_fused(
     if not (CAUSAL or HAS_KPM):
         full = (SEQ_K // BLOCK_N) * BLOCK_N
     for start_n in range(0, full, BLOCK_N):
-        _fused_key_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b,
-                         h, pid_bh, offs_n, offs_m, offs_d, d_ok, skb, skh, sks, skd, svb, svh,
-                         svs, svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd,
-                         sdos, sdod, smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N,
-                         BLOCK_D, False, CAUSAL, HAS_KPM)
+        _dkdv_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b,
+                    h, pid_bh, offs_n, offs_m, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs,
+                    svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd, sdos, sdod,
+                    smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N, BLOCK_D, False,
+                    CAUSAL, HAS_KPM, True)
     for start_n in range(full, SEQ_K, BLOCK_N):
-        _fused_key_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b,
-                         h, pid_bh, offs_n, offs_m, offs_d, d_ok, skb, skh, sks, skd, svb, svh,
-                         svs, svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd,
-                         sdos, sdod, smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N,
-                         BLOCK_D, True, CAUSAL, HAS_KPM)
+        _dkdv_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b,
+                    h, pid_bh, offs_n, offs_m, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs,
+                    svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd, sdos, sdod,
+                    smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N, BLOCK_D, True,
+                    CAUSAL, HAS_KPM, True)
     for start_m in range(0, SEQ_Q, BLOCK_M):
         rows = start_m + offs_m  # (BM,)
         row_ok = rows < SEQ_Q
