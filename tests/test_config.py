@@ -60,6 +60,7 @@ def test_size_preset_then_explicit_values() -> None:
     ("engine.precision=bf61", ["engine.precision", "did you mean 'bf16'"]),
     ("model.size=vit_b61", ["model.size", "did you mean 'vit_b16'"]),
     ("engine.zero_stage=4", ["engine.zero_stage"]),
+    ("engine.offload_params=true", ["engine.offload_params", "engine.zero_stage=3"]),
     ("optim.betas=0.9", ["optim.betas", "expected a list"]),
 ])
 def test_bad_keys_and_values_name_the_key(override: str, words: list[str]) -> None:

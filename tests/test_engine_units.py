@@ -284,6 +284,14 @@ def test_ds_config_offload_only_when_asked(stage: int, device: torch.device, pin
     assert "offload_param" not in on["zero_optimization"]
 
 
+@pytest.mark.parametrize("device, pin", [(CPU, False), (CUDA, True)], ids=["cpu", "cuda"])
+def test_ds_config_offload_params(device: torch.device, pin: bool) -> None:
+    cfg = _cfg("engine.zero_stage=3", "engine.offload_optimizer=true", "engine.offload_params=true")
+    zero = build_ds_config(cfg, 1, "bf16", device)["zero_optimization"]
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": pin}
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": pin}
+
+
 @pytest.mark.parametrize("clip", [0.0, 0.5, 1.0, 3])
 def test_ds_config_gradient_clipping(clip: float) -> None:
     ds = build_ds_config(_cfg(f"optim.grad_clip={clip}"), 1, "fp32", CPU)

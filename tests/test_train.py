@@ -44,10 +44,14 @@ def test_single_process_loss_decreases(tmp_path: Path) -> None:
     ["engine.zero_stage=2"],
     ["engine.zero_stage=3"],
     ["engine.zero_stage=2", "engine.offload_optimizer=true", "model.activation_checkpointing=true"],
+    # the memory-limit setting: ZeRO-3, optimizer state and weights in CPU memory
+    ["engine.zero_stage=3", "engine.offload_optimizer=true", "engine.offload_params=true",
+     "model.activation_checkpointing=true"],
     # CoCa: caption decoder with a pooler, accumulation, and a fusion head that no loss trains
     ["engine.zero_stage=2", "model.size=coca_tiny", "model.fusion.pool_queries=4",
      "model.fusion.head=gated", "engine.grad_accum=2"],
-], ids=["zero1", "zero2", "zero3", "zero2-offload-actckpt", "zero2-coca-accum"])
+], ids=["zero1", "zero2", "zero3", "zero2-offload-actckpt", "zero3-offload-params-actckpt",
+        "zero2-coca-accum"])
 def test_two_rank_resume_is_exact(tmp_path: Path, engine: list[str]) -> None:
     """2 ranks: stop at step 10, resume, and steps 11-20 equal an uninterrupted run."""
     base = ["optim.steps=20", "checkpoint.every=10", "data.batch_size=16", *engine]

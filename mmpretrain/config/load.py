@@ -202,6 +202,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         (0.0 < cfg.data.crop_scale_min <= 1.0, "data.crop_scale_min must be in (0, 1]"),
         (not cfg.engine.offload_optimizer or cfg.engine.zero_stage >= 1,
          "engine.offload_optimizer needs engine.zero_stage >= 1"),
+        (not cfg.engine.offload_params or (cfg.engine.zero_stage == 3
+                                           and cfg.engine.offload_optimizer),
+         "engine.offload_params needs engine.zero_stage=3 and engine.offload_optimizer=true"),
         (not cfg.engine.compile or cfg.engine.zero_stage <= 2,
          "engine.compile needs engine.zero_stage <= 2 (ZeRO-3 gathers and frees each weight in "
          "hooks around every module call, which torch.compile does not trace)"),

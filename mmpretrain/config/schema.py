@@ -237,6 +237,11 @@ class EngineConfig:
     """Micro-batches per optimizer step."""
     offload_optimizer: bool = False
     """Keep optimizer state in CPU memory (ZeRO stage 1 or higher)."""
+    offload_params: bool = False
+    """Keep the 16-bit weights in CPU memory too, each gathered onto the device only while its
+    module runs (ZeRO stage 3 with `offload_optimizer`): the device then holds little more than
+    one layer's weights and the activations, at the cost of a host-to-device copy of every
+    weight in the forward and the backward pass."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: `auto` is nccl on CUDA and gloo on CPU."""
     compile: bool = False

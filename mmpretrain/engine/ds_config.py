@@ -36,6 +36,8 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int, precision: str,
     offload = eng.offload_optimizer
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if eng.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": eng.grad_accum,
