@@ -161,6 +161,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=cmd_bench_data)
     _add_bench_attention_parser(bsub)
     _add_bench_train_parser(bsub)
+    _add_bench_memory_parser(bsub)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
@@ -168,7 +169,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from mmpretrain.engine.bench import BenchOptions, bench_report, format_report, print_notes
 
     opts = BenchOptions(args.model, args.batch, args.data, args.zero, args.steps, args.warmup,
-                        args.workers, args.precision, args.overrides, args.sync_each_step)
+                        args.workers, args.precision, args.overrides, args.sync_each_step,
+                        args.gpu_memory)
     try:
         report = bench_report(opts, args.compare or "", progress=lambda ours: print(
             f"mmpretrain: {ours['samples_per_s']:.1f} samples/s, mfu {ours['mfu']}, peak "
@@ -176,10 +178,11 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"mmpretrain bench train: error: {e}", file=sys.stderr)
         return 2
-    if report is not None:  # rank 0
-        print_notes(report)
-        print(json.dumps(report) if args.json else format_report(report))
-    return 0
+    if report is None:  # not rank 0
+        return 0
+    print_notes(report)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 3 if report["mmpretrain"].get("oom") else 0
 
 
 def _add_bench_train_parser(bsub: argparse._SubParsersAction) -> None:
@@ -199,6 +202,56 @@ def _add_bench_train_parser(bsub: argparse._SubParsersAction) -> None:
     b.add_argument("--json", action="store_true", help="print the report as one JSON line")
     b.add_argument("--sync-each-step", action="store_true",
                    help="wait for the device before each step (the cost of a per-step host sync)")
+    b.add_argument("--gpu-memory", type=float, default=0.0, metavar="GIB",
+                   help="let the CUDA allocator use only what a device of GIB GiB would leave "
+                   "it (79.65 for an H100 80GB); running out is reported, exit status 3")
     b.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="more config overrides, e.g. model.activation_checkpointing=true")
     b.set_defaults(func=cmd_bench_train)
+
+
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    """Predict a run's device and host memory per rank (no GPU needed)."""
+    from mmpretrain.config.load import ConfigError, load_config
+    from mmpretrain.engine.bench import BenchOptions, bench_overrides
+    from mmpretrain.engine.memory import H100_80GB_GIB, format_plan, plan_memory
+
+    opts = BenchOptions(model=args.model, batch=args.batch, zero=args.zero,
+                        precision=args.precision, overrides=args.overrides)
+    try:
+        cfg = load_config(None, bench_overrides(opts, "bench-memory"))
+        plan = plan_memory(cfg, args.world, args.precision)
+    except (ConfigError, ValueError) as e:
+        print(f"mmpretrain bench memory: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"model": args.model, "batch": args.batch, "zero": args.zero,
+                          "world": args.world, "precision": args.precision,
+                          "overrides": args.overrides, "params": plan.params,
+                          "device": plan.device, "host": plan.host,
+                          "device_total": plan.device_total, "host_total": plan.host_total,
+                          "activation_bytes_per_sample": plan.activation_bytes_per_sample}))
+    else:
+        print(f"mmpretrain bench memory: {args.model}, ZeRO {args.zero}, {args.world} rank(s),"
+              f" {args.precision}" + "".join(f", {o}" for o in args.overrides))
+        print(format_plan(plan, args.gpu_memory or H100_80GB_GIB, args.host_memory))
+    return 0
+
+
+def _add_bench_memory_parser(bsub: argparse._SubParsersAction) -> None:
+    b = bsub.add_parser("memory", help="predict device and host memory per rank of a training "
+                        "run (model states by ZeRO stage and offload, activations measured on "
+                        "CPU); no GPU needed")
+    b.add_argument("--model", default="vit_b16", help="named model size (model.size)")
+    b.add_argument("--batch", type=int, default=256, help="micro-batch size per rank")
+    b.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3), help="ZeRO stage")
+    b.add_argument("--world", type=int, default=1, help="ranks the run would use")
+    b.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
+    b.add_argument("--gpu-memory", type=float, default=None,
+                   help="device memory to check against, GiB (default: an H100 80GB's 79.65)")
+    b.add_argument("--host-memory", type=float, default=None,
+                   help="host memory per rank to check against, GiB")
+    b.add_argument("--json", action="store_true", help="print the plan as one JSON line")
+    b.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides, e.g. engine.offload_optimizer=true")
+    b.set_defaults(func=cmd_bench_memory)

@@ -203,7 +203,9 @@ def test_fusion_config_errors_name_the_field() -> None:
 @pytest.mark.parametrize("size,params", [
     ("coca_vit_b16", 226_826_753), ("coca_vit_l14", 581_960_449),
     # two-tower sizes: the parameter counts of OpenCLIP 3.3.0's ViT-H-14, ViT-g-14, ViT-bigG-14
-    ("vit_h14", 986_109_441), ("vit_g14", 1_366_678_273), ("vit_bigg14", 2_539_567_105)])
+    ("vit_h14", 986_109_441), ("vit_g14", 1_366_678_273), ("vit_bigg14", 2_539_567_105),
+    # EVA-CLIP E/14-plus dimensions in plain blocks (no OpenCLIP twin): 4.35 B image tower
+    ("vit_e14", 5_045_004_545)])
 def test_registry_sizes(size: str, params: int) -> None:
     cfg = load_config(None, [f"model.size={size}"])
     with torch.device("meta"):

@@ -148,8 +148,8 @@ class ModelConfig:
 
     size: str = "tiny"
     """Named size from the registry (`tiny`, `vit_b32`, `vit_b16`, `vit_l14`, `vit_h14`,
-    `vit_g14`, `vit_bigg14`; with a CoCa decoder `coca_tiny`, `coca_vit_b32`, `coca_vit_b16`,
-    `coca_vit_l14`), or empty to take every field from the config alone."""
+    `vit_g14`, `vit_bigg14`, `vit_e14`; with a CoCa decoder `coca_tiny`, `coca_vit_b32`,
+    `coca_vit_b16`, `coca_vit_l14`), or empty to take every field from the config alone."""
     embed_dim: int = 128
     """Dimension of the shared image–text embedding space."""
     vision: VisionConfig = field(default_factory=VisionConfig)

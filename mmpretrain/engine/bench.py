@@ -60,6 +60,9 @@ class BenchOptions:
     sync_each_step: bool = False
     """Wait for the device before each step: what a host sync per step (e.g. reading a loss or
     a flag with .item()) would cost; the trainer itself avoids one."""
+    gpu_memory: float = 0.0
+    """Limit the CUDA allocator to what a device of this many GiB would leave it (0: no
+    limit): an H200 then answers whether a run fits an H100 80GB."""
 
 
 def bench_overrides(opts: BenchOptions, output_dir: str) -> list[str]:
@@ -154,11 +157,42 @@ def _measure(trainer: Any, opts: BenchOptions) -> dict[str, Any]:
         "sync_each_step": opts.sync_each_step,
         **_speed(opts, elapsed, trainer.global_batch, trainer.train_flops, trainer.world,
                  trainer.device),
-        "peak_mem_gb": peak_memory_gb(trainer.device),
+        **_memory(trainer.device), **_plan(trainer),
         "data_wait_frac": meter.data_time / elapsed, "params": params,
         "loss": float(losses["loss"]) / opts.steps,
         "device": device_name(trainer.device), "device_type": trainer.device.type,
         "versions": versions()}
+
+
+def _memory(device: torch.device) -> dict[str, Any]:
+    """Peak allocated (the figure the plan predicts) and reserved device memory, peak host RSS."""
+    from mmpretrain.engine.memory import host_peak_gib
+
+    cuda = device.type == "cuda"
+    return {"peak_mem_gb": peak_memory_gb(device),
+            "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None,
+            "host_peak_gb": host_peak_gib()}
+
+
+def _plan(trainer: Any) -> dict[str, Any]:
+    """What `plan_memory` predicted for this run, next to the measured peaks."""
+    from mmpretrain.engine.memory import plan_memory
+
+    if trainer.rank != 0:
+        return {}
+    plan = plan_memory(trainer.cfg, trainer.world, trainer.precision)
+    return {"predicted_peak_gb": plan.device_total / 2**30,
+            "predicted_host_gb": plan.host_total / 2**30}
+
+
+def _oom_record(opts: BenchOptions, error: BaseException) -> dict[str, Any]:
+    """The result of a run that ran out of device memory (the benchmark's answer: no fit)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    return {"impl": "mmpretrain", "model": opts.model, "batch_per_rank": opts.batch,
+            "zero_stage": opts.zero, "overrides": list(opts.overrides), "oom": True,
+            "error": str(error).splitlines()[0][:300], "gpu_memory_limit_gb": opts.gpu_memory,
+            **_memory(device), "device": device_name(device), "device_type": "cuda",
+            "versions": versions()}
 
 
 def _syncing(batches: Iterator[dict], device: torch.device) -> Iterator[dict]:
@@ -177,18 +211,26 @@ def bench_mmpretrain(opts: BenchOptions) -> dict[str, Any] | None:
         tmp = tempfile.mkdtemp(prefix="mmpretrain-bench-")
     else:  # one name on every rank of the job (rank 0 fits a tokenizer the others load)
         tmp = str(Path(tempfile.gettempdir()) / f"mmpretrain-bench-{denv.master_port}")
+    trainer = None
     try:
+        if opts.gpu_memory:
+            from mmpretrain.engine.memory import cap_device_memory
+            index = denv.local_rank % max(1, torch.cuda.device_count())
+            cap_device_memory(opts.gpu_memory, torch.device("cuda", index))
         trainer = Trainer(load_config(None, bench_overrides(opts, tmp)))
-        result = _measure(trainer, opts)
-        rank = trainer.rank
+        result = {**_measure(trainer, opts), "gpu_memory_limit_gb": opts.gpu_memory or None}
         if dist.is_initialized():
             dist.barrier()
+    except torch.OutOfMemoryError as e:
+        if denv.world_size > 1:
+            raise  # the other ranks would wait in a collective
+        result = _oom_record(opts, e)
     finally:
         if denv.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
     del trainer
     gc.collect()
-    return result if rank == 0 else None
+    return result if denv.rank == 0 else None
 
 
 def open_clip_name(size: str) -> str:
@@ -291,6 +333,9 @@ def bench_report(opts: BenchOptions, compare: str = "",
     ours = bench_mmpretrain(opts)
     if ours is None:
         return None
+    if ours.get("oom"):
+        return {"options": asdict(opts), "mmpretrain": ours, "open_clip": None,
+                "ratio_samples_per_s": None, "notes": notes}
     if progress is not None:
         progress(ours)
     theirs = None
@@ -315,22 +360,33 @@ def _cell(key: str, result: dict[str, Any] | None) -> str:
     value = result.get(key)
     if key == "mfu":
         return "n/a (unknown peak)" if value is None else f"{100 * value:.1f}%"
+    if value is None:
+        return "-"
     formats = {"samples_per_s": "{:,.1f}" if value >= 10 else "{:.3g}",
-               "step_time_s": "{:.1f}", "tflops_per_s": "{:.3g}",
-               "peak_mem_gb": "{:.2f}", "data_wait_frac": "{:.3f}", "params": "{:.2f}"}
+               "step_time_s": "{:.1f}", "tflops_per_s": "{:.3g}", "data_wait_frac": "{:.3f}",
+               "params": "{:.2f}"}
     scale = {"step_time_s": 1e3, "params": 1e-6}.get(key, 1)
-    return formats[key].format(value * scale)
+    return formats.get(key, "{:.2f}").format(value * scale)
 
 
 ROWS = (("samples/s", "samples_per_s"), ("step time (ms)", "step_time_s"),
         ("model TFLOP/s per rank", "tflops_per_s"), ("MFU", "mfu"),
-        ("peak memory (GiB)", "peak_mem_gb"), ("data-wait fraction", "data_wait_frac"),
+        ("peak memory (GiB)", "peak_mem_gb"), ("  predicted (bench memory)", "predicted_peak_gb"),
+        ("  reserved by the allocator", "peak_reserved_gb"),
+        ("host peak RSS (GiB)", "host_peak_gb"), ("data-wait fraction", "data_wait_frac"),
         ("parameters (M)", "params"))
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable table of a `bench_report`."""
     ours, theirs = report["mmpretrain"], report["open_clip"]
+    if ours.get("oom"):
+        limit = ours.get("gpu_memory_limit_gb")
+        return (f"mmpretrain bench train: {ours['model']}, batch {ours['batch_per_rank']}, ZeRO "
+                f"{ours['zero_stage']}" + "".join(f", {o}" for o in ours["overrides"])
+                + f": out of device memory on {ours['device']}"
+                + (f" limited to {limit:g} GiB" if limit else "")
+                + f" (peak reserved {ours['peak_reserved_gb']:.2f} GiB): {ours['error']}")
     peak = ours["peak_tflops"]
     lines = [
         f"mmpretrain bench train: {ours['model']}, batch {ours['batch_per_rank']} per rank x "

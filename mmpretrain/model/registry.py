@@ -13,6 +13,8 @@ from typing import Any
 _CLIP_TEXT_B = {"vocab_size": 49408, "context_length": 77, "width": 512, "layers": 12, "heads": 8}
 _CLIP_TEXT_L = {"vocab_size": 49408, "context_length": 77, "width": 768, "layers": 12, "heads": 12}
 _CLIP_TEXT_H = {"vocab_size": 49408, "context_length": 77, "width": 1024, "layers": 24, "heads": 16}
+_CLIP_TEXT_BIGG = {"vocab_size": 49408, "context_length": 77, "width": 1280, "layers": 32,
+                   "heads": 20}
 
 MODEL_SIZES: dict[str, dict[str, Any]] = {
     # CPU-friendly: trains the digits demo in minutes on two cores.
@@ -53,8 +55,15 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
         "embed_dim": 1280,
         "vision": {"image_size": 224, "patch_size": 14, "width": 1664, "layers": 48, "heads": 16,
                    "mlp_ratio": 4.9231},
-        "text": {"vocab_size": 49408, "context_length": 77, "width": 1280, "layers": 32,
-                 "heads": 20},
+        "text": _CLIP_TEXT_BIGG,
+    },
+    # EVA-CLIP's E/14-plus dimensions (head width 112) in our plain pre-norm blocks: ~5.0B
+    # parameters, the size where one GPU needs the optimizer state offloaded.
+    "vit_e14": {
+        "embed_dim": 1024,
+        "vision": {"image_size": 224, "patch_size": 14, "width": 1792, "layers": 64, "heads": 16,
+                   "mlp_ratio": 8.5715},
+        "text": _CLIP_TEXT_BIGG,
     },
 }
 

@@ -1,0 +1,262 @@
+"""Device and host memory of a training run: a plan before it starts, and limits while it runs.
+
+`plan_memory` predicts the peak of the device's caching allocator and the host memory that a
+run config needs on one node, before any GPU is touched:
+
+- model states, in bytes per parameter, as the ZeRO paper counts them (Rajbhandari et al.
+  2020) plus the fp32 gradient DeepSpeed's optimizers step on: 16-bit weights 2, 16-bit
+  gradients 2, and for the optimizer an fp32 gradient 4, an fp32 master weight 4 and Adam's two
+  moments 8, each divided by the ranks where the ZeRO stage partitions it, on the host where it
+  is offloaded (ZeRO-3 keeps its 16-bit gradient partition next to the optimizer, so offloaded
+  too). DeepSpeed's own estimators (`estimate_zero3_model_states_mem_needs`) leave out that
+  gradient partition and add a 1.5x host buffer factor;
+- activations, measured rather than modelled: the tensors autograd saves for the backward pass
+  (`torch.autograd.graph.saved_tensors_hooks`, parameters excluded) in training forwards of
+  the task on CPU at batches 1 and 2, with every tower cut to one and to two blocks, which gives
+  the bytes per sample of one block of each tower and of everything else (and what a forward
+  saves whatever the batch); the configured depth and batch are then exact multiples, and the
+  contrastive logits (quadratic in the batch) are added by formula. The CPU run uses SDPA, whose flash kernels save what the GPU
+  paths save (q, k, v as views of the QKV projection, the output and the log-sum-exp), never a
+  sequence-squared matrix. With activation checkpointing a block keeps only its input, and the
+  block being recomputed holds its full set for its backward.
+
+Not counted: the CUDA context, the allocator's fragmentation and the transient gradients of
+activations inside the backward; the GPU benchmark (`bench train`) reports the measured peak.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import resource
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator
+
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+GIB = 2**30
+H100_80GB_GIB = 81559 / 1024
+"""What an H100 80GB reports as its total memory (81,559 MiB in nvidia-smi)."""
+BUCKET_ELEMENTS = int(5e7)
+"""DeepSpeed's reduce and all-gather bucket sizes, as `ds_config` sets them."""
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted memory of one rank of a run (bytes), with the terms that make it up."""
+
+    params: int
+    largest_layer_params: int
+    device: dict[str, int] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)
+    activation_bytes_per_sample: int = 0
+    batch: int = 1
+
+    @property
+    def device_total(self) -> int:
+        """Predicted peak of the device allocator (bytes)."""
+        return sum(self.device.values())
+
+    @property
+    def host_total(self) -> int:
+        """Predicted host memory for model states (bytes; the process's own footprint aside)."""
+        return sum(self.host.values())
+
+    def max_batch(self, device_bytes: int) -> int:
+        """The largest per-rank batch whose predicted device peak fits `device_bytes` (0: none)."""
+        fixed = self.device_total - self.device.get("activations", 0)
+        if self.activation_bytes_per_sample <= 0 or fixed >= device_bytes:
+            return 0
+        return int((device_bytes - fixed) // self.activation_bytes_per_sample)
+
+
+def model_state_bytes(params: int, largest_layer: int, stage: int, world: int, precision: str,
+                      offload_optimizer: bool = False, offload_params: bool = False
+                      ) -> tuple[dict[str, int], dict[str, int]]:
+    """(device, host) bytes of weights, gradients and AdamW state for one rank.
+
+    Mixed precision (bf16/fp16) keeps 16-bit weights and gradients for the model and fp32
+    gradients, master weights and moments for the optimizer; fp32 runs keep fp32 weights and
+    gradients and no master copy."""
+    half = precision in ("bf16", "fp16")
+    w, g = (2, 2) if half else (4, 4)
+    opt = (4 + 4 + 8) if half else 8  # fp32 grad + master + moments; fp32: the moments
+    n = max(1, world)
+    device: dict[str, int] = {}
+    host: dict[str, int] = {}
+    opt_place = host if offload_optimizer else device
+    opt_place["optimizer"] = params * opt // (n if stage >= 1 else 1)
+    if stage == 3:
+        (host if offload_params else device)["weights"] = params * w // n
+        opt_place["gradients"] = params * g // n
+        device["gathered_layer"] = 4 * largest_layer  # DeepSpeed's working-set allowance
+    else:
+        device["weights"] = params * w
+        device["gradients"] = params * g // (n if stage == 2 else 1)
+    if stage >= 1:
+        device["buckets"] = 2 * BUCKET_ELEMENTS * w
+    return device, host
+
+
+def _saved_bytes(task: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves in one forward of `task`, parameters
+    excluded."""
+    params = {p.untyped_storage().data_ptr() for p in task.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with saved_tensors_hooks(pack, lambda t: t):
+        out = task(images, tokens)
+    del out
+    return sum(seen.values())
+
+
+def _depths(model_cfg: Any) -> dict[str, int]:
+    depths = {"vision": model_cfg.vision.layers, "text": model_cfg.text.layers}
+    if model_cfg.fusion.decoder:
+        depths["fusion"] = model_cfg.fusion.layers
+    return depths
+
+
+def _with_depths(cfg: Any, depths: dict[str, int]) -> Any:
+    model = copy.deepcopy(cfg.model)
+    for tower, n in depths.items():
+        setattr(model, tower, replace(getattr(model, tower), layers=n))
+    return replace(cfg, model=replace(model, attention="sdpa", activation_checkpointing=False,
+                                      attention_tiles=""))
+
+
+@contextlib.contextmanager
+def _scratch_builds() -> Iterator[None]:
+    """Build throwaway models without touching the process: building one sets the default
+    attention implementation, and its initialization draws from the random state."""
+    from mmpretrain.kernels import get_default_impl, set_default_impl
+
+    default = get_default_impl()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            yield
+    finally:
+        set_default_impl(default)
+
+
+def measure_activations(cfg: Any, dtype: torch.dtype) -> dict[str, int]:
+    """Saved-activation bytes: {'base': per sample outside the blocks, '<tower>': per sample of
+    one block of that tower, 'fixed': per forward whatever the batch (e.g. fp32 copies of 16-bit
+    LayerNorm weights), at the configured depths}, measured on CPU at batches 1 and 2 (see the
+    module docstring)."""
+    from mmpretrain.model import build_model
+    from mmpretrain.model.task import build_task
+
+    def measure(depths: dict[str, int]) -> tuple[int, int]:  # (per sample, per forward)
+        small = _with_depths(cfg, depths)
+        task = build_task(small, build_model(small.model, small.loss.kind)).to(dtype).train()
+        size, ctx = small.model.vision.image_size, small.model.text.context_length
+        saved = []
+        for batch in (1, 2):
+            images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+            tokens = torch.randint(1, small.model.text.vocab_size, (batch, ctx))  # (B, L)
+            saved.append(_saved_bytes(task, images, tokens))
+        return saved[1] - saved[0], 2 * saved[0] - saved[1]
+
+    depths = _depths(cfg.model)
+    ones = {tower: 1 for tower in depths}
+    with _scratch_builds():
+        one, one_fixed = measure(ones)
+        per_block = {tower: tuple(a - b for a, b in zip(measure({**ones, tower: 2}),
+                                                        (one, one_fixed))) for tower in ones}
+    fixed = one_fixed + sum((depths[t] - 1) * per_block[t][1] for t in depths)
+    return {"base": one - sum(b[0] for b in per_block.values()),
+            **{t: b[0] for t, b in per_block.items()}, "fixed": max(0, fixed)}
+
+
+def _block_inputs(cfg: Any, dtype_bytes: int) -> dict[str, int]:
+    """Bytes per sample of one block's input (what a checkpointed block keeps), per tower."""
+    m = cfg.model
+    patches = (m.vision.image_size // m.vision.patch_size) ** 2 + 1  # + class token
+    out = {"vision": patches * m.vision.width * dtype_bytes,
+           "text": m.text.context_length * m.text.width * dtype_bytes}
+    if m.fusion.decoder:
+        out["fusion"] = m.text.context_length * (m.fusion.width or m.text.width) * dtype_bytes
+    return out
+
+
+def plan_memory(cfg: Any, world: int, precision: str, measured: dict[str, int] | None = None
+                ) -> MemoryPlan:
+    """The predicted memory of one rank of the run `cfg` (an `ExperimentConfig`) on `world`
+    ranks in `precision`; `measured` reuses a `measure_activations` result."""
+    from mmpretrain.engine.ds_config import precision_dtype
+    from mmpretrain.model import build_model
+
+    with _scratch_builds(), torch.device("meta"):
+        model = build_model(replace(cfg.model, attention_tiles=""), cfg.loss.kind)
+    params = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    eng = cfg.engine
+    device, host = model_state_bytes(params, largest, eng.zero_stage, world, precision,
+                                     eng.offload_optimizer, eng.offload_params)
+    dtype = precision_dtype(precision)
+    acts = measured if measured is not None else measure_activations(cfg, dtype)
+    depths = _depths(cfg.model)
+    if cfg.model.activation_checkpointing:
+        kept = _block_inputs(cfg, torch.finfo(dtype).bits // 8)
+        per_sample = acts["base"] + sum(depths[t] * kept[t] for t in depths)
+        per_sample += max(acts[t] for t in depths)  # the block being recomputed
+    else:
+        per_sample = acts["base"] + sum(depths[t] * acts[t] for t in depths)
+    batch = cfg.data.batch_size
+    logits = 2 * 4 * batch * batch * max(1, world)  # fp32 logits and their softmax, both ways
+    device["activations"] = per_sample * batch + acts.get("fixed", 0) + logits
+    return MemoryPlan(params, largest, device, host, per_sample, batch)
+
+
+def cap_device_memory(gib: float, device: torch.device) -> float:
+    """Let this process's CUDA allocator use only as much as a `gib`-GiB device would leave it.
+
+    What the device already holds outside the allocator (the CUDA context, other processes)
+    counts against `gib`, as it would on the smaller device. Returns the fraction set;
+    ValueError when the device is smaller than `gib` or is not CUDA."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ValueError("--gpu-memory needs a CUDA device (none is available)")
+    free, total = torch.cuda.mem_get_info(device)
+    outside = total - free - torch.cuda.memory_reserved(device)
+    if gib * GIB > total:
+        raise ValueError(f"--gpu-memory {gib:g} GiB is more than the device's "
+                         f"{total / GIB:.1f} GiB")
+    fraction = max(0.0, gib * GIB - outside) / total
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
+
+
+def host_peak_gib() -> float:
+    """Peak resident memory of this process so far (GiB)."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb * (1 if sys.platform != "darwin" else 1 / 1024) / 2**20
+
+
+def format_plan(plan: MemoryPlan, device_gib: float | None = None,
+                host_gib: float | None = None) -> str:
+    """The plan as a table in GiB, with whether it fits `device_gib` / `host_gib`."""
+    largest = plan.largest_layer_params / 1e6
+    lines = [f"parameters {plan.params / 1e6:,.1f} M (largest layer {largest:,.1f} M), batch "
+             f"{plan.batch} per rank; activations "
+             f"{plan.activation_bytes_per_sample / 2**20:,.1f} MiB per sample"]
+    for where, terms, total, limit in (("device", plan.device, plan.device_total, device_gib),
+                                       ("host", plan.host, plan.host_total, host_gib)):
+        parts = ", ".join(f"{k} {v / GIB:,.2f}" for k, v in terms.items()) or "nothing"
+        verdict = ""
+        if limit:
+            verdict = (f" -> fits {limit:.4g} GiB" if total <= limit * GIB
+                       else f" -> does NOT fit {limit:.4g} GiB")
+        lines.append(f"{where}: {total / GIB:,.2f} GiB ({parts}){verdict}")
+    if device_gib:
+        lines.append(f"largest batch per rank predicted to fit {device_gib:.4g} GiB: "
+                     f"{plan.max_batch(int(device_gib * GIB)):,}")
+    return "\n".join(lines)
