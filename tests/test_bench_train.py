@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import mmpretrain.engine.bench as engine_bench
 from helpers import REPO, clean_env
 from mmpretrain.config.load import load_config
 from mmpretrain.engine.bench import (SKIP_MESSAGE, format_report, open_clip_name,
@@ -43,6 +45,9 @@ def test_tiny_cpu_run_reports_sane_numbers(tiny_run: subprocess.CompletedProcess
     assert ours["step_time_s"] == pytest.approx(8 / ours["samples_per_s"])
     assert 0 <= ours["data_wait_frac"] < 1
     assert ours["params"] > 1_000_000 and ours["peak_mem_gb"] > 0
+    assert ours["host_peak_gb"] > 0 and ours["peak_reserved_gb"] is None  # no CUDA allocator
+    assert 0 < ours["predicted_peak_gb"] < 1 and ours["predicted_host_gb"] == 0  # no offload
+    assert ours["gpu_memory_limit_gb"] is None
     assert ours["loss"] > 0
     assert ours["versions"]["torch"] and ours["versions"]["deepspeed"]
     assert ours["sync_each_step"] and ours["overrides"] == ["optim.lr=0.0005"]
@@ -52,6 +57,31 @@ def test_tiny_cpu_run_reports_sane_numbers(tiny_run: subprocess.CompletedProcess
     table = format_report(report)
     assert "n/a (unknown peak)" in table and "samples/s" in table
     assert "optim.lr=0.0005, device synced before each step" in table
+    assert "predicted (bench memory)" in table and "host peak RSS" in table
+
+
+def test_out_of_memory_is_a_record(monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture) -> None:
+    """A run that does not fit ends as a report saying so (exit status 3), not a traceback,
+    and OpenCLIP is not started."""
+    import mmpretrain.engine.trainer as trainer_mod
+    from mmpretrain.cli import main
+
+    def oom(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+
+    monkeypatch.setattr(trainer_mod, "Trainer", oom)
+    monkeypatch.setattr(engine_bench, "bench_open_clip", lambda *a: pytest.fail("ran OpenCLIP"))
+    monkeypatch.setattr(engine_bench, "open_clip_problem", lambda: None)
+    rc = main(["bench", "train", "--model", "vit_b16", "--batch", "4096", "--zero", "3",
+               "--compare", "open_clip", "engine.offload_optimizer=true"])
+    out = capsys.readouterr().out
+    assert rc == 3
+    assert "vit_b16, batch 4096, ZeRO 3, engine.offload_optimizer=true: out of device memory" \
+        in out and out.rstrip().endswith("Tried to allocate 2.00 GiB")
+    rc = main(["bench", "train", "--model", "tiny", "--json"])
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert rc == 3 and record["mmpretrain"]["oom"] and record["open_clip"] is None
 
 
 def test_compare_without_open_clip_skips(tiny_run: subprocess.CompletedProcess) -> None:

@@ -187,11 +187,12 @@ def _plan(trainer: Any) -> dict[str, Any]:
 
 def _oom_record(opts: BenchOptions, error: BaseException) -> dict[str, Any]:
     """The result of a run that ran out of device memory (the benchmark's answer: no fit)."""
-    device = torch.device("cuda", torch.cuda.current_device())
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return {"impl": "mmpretrain", "model": opts.model, "batch_per_rank": opts.batch,
             "zero_stage": opts.zero, "overrides": list(opts.overrides), "oom": True,
             "error": str(error).splitlines()[0][:300], "gpu_memory_limit_gb": opts.gpu_memory,
-            **_memory(device), "device": device_name(device), "device_type": "cuda",
+            **_memory(device), "device": device_name(device), "device_type": device.type,
             "versions": versions()}
 
 
@@ -386,7 +387,8 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{ours['zero_stage']}" + "".join(f", {o}" for o in ours["overrides"])
                 + f": out of device memory on {ours['device']}"
                 + (f" limited to {limit:g} GiB" if limit else "")
-                + f" (peak reserved {ours['peak_reserved_gb']:.2f} GiB): {ours['error']}")
+                + (f" (peak reserved {ours['peak_reserved_gb']:.2f} GiB)"
+                   if ours["peak_reserved_gb"] is not None else "") + f": {ours['error']}")
     peak = ours["peak_tflops"]
     lines = [
         f"mmpretrain bench train: {ours['model']}, batch {ours['batch_per_rank']} per rank x "
