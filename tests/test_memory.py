@@ -116,9 +116,10 @@ def test_max_batch_and_offload_make_a_large_model_fit() -> None:
                             measured=acts)
     assert offloaded.device["weights"] == 2 * offloaded.params
     assert offloaded.host_total == 18 * offloaded.params
+    per_sample = offloaded.activation_bytes_per_sample
     fits = offloaded.max_batch(80 * GIB)
-    plan = MemoryPlan(offloaded.params, 0, {**offloaded.device, "activations": fits *
-                      offloaded.activation_bytes_per_sample}, {}, offloaded.activation_bytes_per_sample)
+    plan = MemoryPlan(offloaded.params, 0, {**offloaded.device, "activations": fits * per_sample},
+                      {}, per_sample)
     assert plan.device_total <= 80 * GIB < plan.device_total + plan.activation_bytes_per_sample
 
 

@@ -15,10 +15,11 @@ run config needs on one node, before any GPU is touched:
   the task on CPU at batches 1 and 2, with every tower cut to one and to two blocks, which gives
   the bytes per sample of one block of each tower and of everything else (and what a forward
   saves whatever the batch); the configured depth and batch are then exact multiples, and the
-  contrastive logits (quadratic in the batch) are added by formula. The CPU run uses SDPA, whose flash kernels save what the GPU
-  paths save (q, k, v as views of the QKV projection, the output and the log-sum-exp), never a
-  sequence-squared matrix. With activation checkpointing a block keeps only its input, and the
-  block being recomputed holds its full set for its backward.
+  contrastive logits (quadratic in the batch) are added by formula. The CPU run uses SDPA,
+  whose flash kernels save what the GPU paths save (q, k, v as views of the QKV projection,
+  the output and the log-sum-exp), never a sequence-squared matrix. With activation
+  checkpointing a block keeps only its input, and the block being recomputed holds its full
+  set for its backward.
 
 Not counted: the CUDA context, the allocator's fragmentation and the transient gradients of
 activations inside the backward; the GPU benchmark (`bench train`) reports the measured peak.

@@ -186,8 +186,9 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}",
-                              str(src), "-o", str(Path(tmp) / "k.o")],
+        gpu = f"--gpu-name={sm_arch_from_capability(arch)}"
+        res = subprocess.run([get_ptxas(arch).path, "-v", gpu, str(src), "-o",
+                              str(Path(tmp) / "k.o")],
                              capture_output=True, text=True, check=True)
     log = res.stdout + res.stderr
     used, spill = _PTXAS_USE.search(log), _PTXAS_SPILL.search(log)
