@@ -48,19 +48,46 @@ CUDA = torch.cuda.is_available()
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_fast_path_matches_reference_path(tmp_path: Path) -> None:
-    """bf16 ZeRO-1 on the GPU: compiled blocks (with SDPA, and with the Triton kernel) give the
-    losses of the eager SDPA run within bf16 tolerance."""
-    runs = {"eager_sdpa": ("false", "sdpa"), "compiled_sdpa": ("true", "sdpa"),
-            "compiled_triton": ("true", "triton")}
+    """bf16 ZeRO-1 on the GPU: compiled blocks (with SDPA, as CUDA graphs, and with the Triton
+    kernel) give the losses of the eager SDPA run within bf16 tolerance."""
+    runs = {"eager_sdpa": ("false", "sdpa", "default"),
+            "compiled_sdpa": ("true", "sdpa", "default"),
+            "cudagraphs_sdpa": ("true", "sdpa", "reduce-overhead"),
+            "compiled_triton": ("true", "triton", "default")}
     traces = {}
-    for name, (compiled, impl) in runs.items():
+    for name, (compiled, impl, mode) in runs.items():
         run_train([f"output_dir={tmp_path}", f"name={name}", "optim.steps=20",
                    "engine.zero_stage=1", "engine.device=cuda", "engine.precision=bf16",
                    "checkpoint.every=0", "logging.log_every=1", "logging.wandb_mode=disabled",
-                   f"engine.compile={compiled}", f"model.attention={impl}"], timeout=900)
+                   f"engine.compile={compiled}", f"engine.compile_mode={mode}",
+                   f"model.attention={impl}"], timeout=900)
         traces[name] = losses(tmp_path / name)
     ref = traces.pop("eager_sdpa")
     for name, trace in traces.items():
         assert sorted(trace) == sorted(ref), name
         for step, loss in ref.items():
             assert abs(trace[step] - loss) <= 0.05 * max(1.0, abs(loss)), (name, step, traces)
+
+
+def test_compile_mode_reaches_every_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch import nn
+
+    from mmpretrain.engine.compile import compile_blocks
+    from mmpretrain.model import build_model
+
+    calls: list[dict] = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    cfg = load_config(None, ["model.size=coca_tiny", "engine.compile=true",
+                             "engine.compile_mode=reduce-overhead"])
+    n = compile_blocks(build_model(cfg.model), cfg.engine.compile_mode)
+    assert n == 4 + 4 + 2 and calls == [{"dynamic": False, "mode": "reduce-overhead"}] * n
+    calls.clear()
+    compile_blocks(build_model(cfg.model))
+    assert calls == [{"dynamic": False, "mode": None}] * n  # torch.compile's default
+
+
+def test_compile_mode_needs_compile_and_a_known_mode() -> None:
+    with pytest.raises(ConfigError, match="engine.compile_mode needs engine.compile=true"):
+        load_config(None, ["engine.compile_mode=max-autotune"])
+    with pytest.raises(ConfigError, match="engine.compile_mode"):
+        load_config(None, ["engine.compile=true", "engine.compile_mode=fast"])

@@ -205,6 +205,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         (not cfg.engine.offload_params or (cfg.engine.zero_stage == 3
                                            and cfg.engine.offload_optimizer),
          "engine.offload_params needs engine.zero_stage=3 and engine.offload_optimizer=true"),
+        (cfg.engine.compile or cfg.engine.compile_mode == "default",
+         "engine.compile_mode needs engine.compile=true"),
         (not cfg.engine.compile or cfg.engine.zero_stage <= 2,
          "engine.compile needs engine.zero_stage <= 2 (ZeRO-3 gathers and frees each weight in "
          "hooks around every module call, which torch.compile does not trace)"),

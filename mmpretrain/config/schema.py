@@ -248,6 +248,12 @@ class EngineConfig:
     """torch.compile each Transformer block (fuses LayerNorm, bias, GELU and residual adds
     between the matrix multiplications; ZeRO stage 0-2). The first steps take longer while
     the blocks compile."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode for the blocks: `reduce-overhead` replays each block's forward and
+    backward as CUDA graphs (static shapes; fewer kernel launches from the host),
+    `max-autotune[-no-cudagraphs]` also times Triton matmul templates against cuBLAS (much
+    longer compiles)."""
 
 
 @dataclass

@@ -22,14 +22,15 @@ from torch import nn
 log = logging.getLogger("mmpretrain.engine")
 
 
-def compile_blocks(model: nn.Module) -> int:
-    """`torch.compile` every Transformer block of `model` in place; returns how many."""
+def compile_blocks(model: nn.Module, mode: str = "default") -> int:
+    """`torch.compile` every Transformer block of `model` in place (torch.compile's `mode`);
+    returns how many."""
     from mmpretrain.model.fusion import DecoderBlock
     from mmpretrain.model.layers import Block
 
     blocks = [m for m in model.modules() if isinstance(m, (Block, DecoderBlock))]
     for block in blocks:
-        block.compile(dynamic=False)
-    log.info("engine.compile: torch.compile on %d transformer blocks (compiled on first use)",
-             len(blocks))
+        block.compile(dynamic=False, mode=None if mode == "default" else mode)
+    log.info("engine.compile: torch.compile (mode %s) on %d transformer blocks (compiled on "
+             "first use)", mode, len(blocks))
     return len(blocks)

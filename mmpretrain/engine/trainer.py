@@ -125,7 +125,7 @@ class Trainer:
         if cfg.engine.compile:
             from mmpretrain.engine.compile import compile_blocks
 
-            compile_blocks(model)
+            compile_blocks(model, cfg.engine.compile_mode)
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         log.info("model %s: %.2fM parameters, precision %s, ZeRO stage %d", cfg.model.size or
                  "custom", n_params / 1e6, self.precision, cfg.engine.zero_stage)
