@@ -204,7 +204,7 @@ def _add_bench_train_parser(bsub: argparse._SubParsersAction) -> None:
                    help="wait for the device before each step (the cost of a per-step host sync)")
     b.add_argument("--gpu-memory", type=float, default=0.0, metavar="GIB",
                    help="let the CUDA allocator use only what a device of GIB GiB would leave "
-                   "it (79.65 for an H100 80GB); running out is reported, exit status 3")
+                   "it (79.1 for an H100 80GB); running out is reported, exit status 3")
     b.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="more config overrides, e.g. model.activation_checkpointing=true")
     b.set_defaults(func=cmd_bench_train)
@@ -248,7 +248,7 @@ def _add_bench_memory_parser(bsub: argparse._SubParsersAction) -> None:
     b.add_argument("--world", type=int, default=1, help="ranks the run would use")
     b.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
     b.add_argument("--gpu-memory", type=float, default=None,
-                   help="device memory to check against, GiB (default: an H100 80GB's 79.65)")
+                   help="device memory to check against, GiB (default: an H100 80GB's 79.1)")
     b.add_argument("--host-memory", type=float, default=None,
                    help="host memory per rank to check against, GiB")
     b.add_argument("--json", action="store_true", help="print the plan as one JSON line")

@@ -80,12 +80,12 @@ for line in open(sys.argv[1]):
 PY
 }
 
-# The largest CLIP on one 80 GB GPU: the allocator capped to an H100 80GB's 79.65 GiB (the
+# The largest CLIP on one 80 GB GPU: the allocator capped to an H100 80GB's 79.1 GiB (the
 # H200 has more), activation checkpointing; each record carries `bench memory`'s prediction.
 # An out-of-memory run ends with exit status 3 and a record saying so.
 memory() {
   : > "$OUT/memory.jsonl"
-  local common="--steps 3 --warmup 1 --gpu-memory 79.65 --json model.activation_checkpointing=true"
+  local common="--steps 3 --warmup 1 --gpu-memory 79.1 --json model.activation_checkpointing=true"
   for spec in "vit_bigg14 64" \
               "vit_g14 64 engine.offload_optimizer=true" \
               "vit_bigg14 64 engine.offload_optimizer=true" \

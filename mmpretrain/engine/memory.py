@@ -37,8 +37,9 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 GIB = 2**30
-H100_80GB_GIB = 81559 / 1024
-"""What an H100 80GB reports as its total memory (81,559 MiB in nvidia-smi)."""
+H100_80GB_GIB = 79.1
+"""The total PyTorch sees on an H100 80GB (79.10-79.18 GiB in its out-of-memory messages across
+drivers; nvidia-smi shows 81,559 MiB, part of which the driver keeps): the low end."""
 BUCKET_ELEMENTS = int(5e7)
 """DeepSpeed's reduce and all-gather bucket sizes, as `ds_config` sets them."""
 
