@@ -99,9 +99,11 @@ def test_model_states_per_parameter(stage: int, offload: bool, params_off: bool,
     assert total == P * {0: 20, 1: 8, 2: 6.5, 3: 5}[stage]
 
 
-def test_fp32_has_no_master_copy() -> None:
+def test_fp32_without_zero_has_no_master_copy() -> None:
     dev, _ = model_state_bytes(P, LARGEST, 0, 1, "fp32")
     assert dev == {"optimizer": 8 * P, "weights": 4 * P, "gradients": 4 * P}
+    dev, _ = model_state_bytes(P, LARGEST, 1, 2, "fp32")  # ZeRO's optimizer copies its share
+    assert dev["optimizer"] == 8 * P and dev["weights"] == dev["gradients"] == 4 * P
 
 
 def test_max_batch_and_offload_make_a_large_model_fit() -> None:

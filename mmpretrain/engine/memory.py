@@ -79,11 +79,12 @@ def model_state_bytes(params: int, largest_layer: int, stage: int, world: int, p
     """(device, host) bytes of weights, gradients and AdamW state for one rank.
 
     Mixed precision (bf16/fp16) keeps 16-bit weights and gradients for the model and fp32
-    gradients, master weights and moments for the optimizer; fp32 runs keep fp32 weights and
-    gradients and no master copy."""
+    gradients, master weights and moments for the optimizer. fp32 runs keep fp32 weights and
+    gradients; without ZeRO the optimizer holds only the moments, with ZeRO DeepSpeed's
+    optimizer still steps on its own fp32 copy of its partition and of its gradient."""
     half = precision in ("bf16", "fp16")
     w, g = (2, 2) if half else (4, 4)
-    opt = (4 + 4 + 8) if half else 8  # fp32 grad + master + moments; fp32: the moments
+    opt = 4 + 4 + 8 if half or stage >= 1 else 8  # fp32 grad + master + moments
     n = max(1, world)
     device: dict[str, int] = {}
     host: dict[str, int] = {}
