@@ -32,11 +32,17 @@ def _load(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) a run."""
+    import torch
+
     from mmpretrain.engine.trainer import Trainer
 
     cfg = _load(args)
-    trainer = Trainer(cfg)
-    summary = trainer.train()
+    try:
+        trainer = Trainer(cfg)
+        summary = trainer.train()
+    except torch.OutOfMemoryError as e:
+        _explain_oom(cfg, e)
+        return 3
     if trainer.rank == 0:
         print(json.dumps({"summary": summary}))
         if "zeroshot_top1" in summary:
@@ -47,6 +53,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             print(retrieval_line(summary))
     return 0
+
+
+def _explain_oom(cfg: object, error: BaseException) -> None:
+    """Say that the device ran out of memory and what would make the run fit."""
+    import torch
+
+    from mmpretrain.engine.dist import detect_env
+    from mmpretrain.engine.ds_config import resolve_precision
+    from mmpretrain.engine.memory import oom_advice
+
+    denv = detect_env()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    total = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else None
+    print(f"mmpretrain train: error: rank {denv.rank} ran out of device memory: "
+          f"{str(error).splitlines()[0]}", file=sys.stderr)
+    if denv.local_rank != 0:  # one plan per node is enough (ranks run out together)
+        return
+    try:
+        advice = oom_advice(cfg, denv.world_size, resolve_precision(cfg.engine.precision, device),
+                            total)
+    except Exception as e:  # the error above stands without the advice
+        advice = f"(no memory plan: {type(e).__name__}: {e})"
+    print(advice, file=sys.stderr, flush=True)
 
 
 def cmd_config(args: argparse.Namespace) -> int:

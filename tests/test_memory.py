@@ -171,3 +171,22 @@ def test_gpu_prediction_is_close_to_the_measured_peak() -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     ours = json.loads(out.stdout.splitlines()[-1])["mmpretrain"]
     assert ours["predicted_peak_gb"] == pytest.approx(ours["peak_mem_gb"], rel=0.25)
+
+
+def test_train_out_of_memory_says_what_would_fit(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    import mmpretrain.engine.trainer as trainer_mod
+    from mmpretrain.cli import main
+
+    def oom(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.\nmore")
+
+    monkeypatch.setattr(trainer_mod, "Trainer", oom)
+    rc = main(["train", "-c", "experiments/tiny_synthetic.yaml", "engine.zero_stage=0"])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "error: rank 0 ran out of device memory: CUDA out of memory. Tried to allocate" in err
+    assert "`mmpretrain bench memory` predicts" in err
+    assert "model.activation_checkpointing=true: " in err  # each option with its prediction
+    assert "engine.offload_optimizer=true engine.zero_stage=1: " in err
+    assert "engine.zero_stage=3" not in err  # one rank: nothing to partition

@@ -36,6 +36,8 @@ from typing import Any, Iterator
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
+from mmpretrain.engine.ds_config import precision_dtype
+
 GIB = 2**30
 H100_80GB_GIB = 79.1
 """The total PyTorch sees on an H100 80GB (79.10-79.18 GiB in its out-of-memory messages across
@@ -195,7 +197,6 @@ def plan_memory(cfg: Any, world: int, precision: str, measured: dict[str, int] |
                 ) -> MemoryPlan:
     """The predicted memory of one rank of the run `cfg` (an `ExperimentConfig`) on `world`
     ranks in `precision`; `measured` reuses a `measure_activations` result."""
-    from mmpretrain.engine.ds_config import precision_dtype
     from mmpretrain.model import build_model
 
     with _scratch_builds(), torch.device("meta"):
@@ -262,4 +263,36 @@ def format_plan(plan: MemoryPlan, device_gib: float | None = None,
     if device_gib:
         lines.append(f"largest batch per rank predicted to fit {device_gib:.4g} GiB: "
                      f"{plan.max_batch(int(device_gib * GIB)):,}")
+    return "\n".join(lines)
+
+
+def oom_advice(cfg: Any, world: int, precision: str, device_bytes: int | None) -> str:
+    """What to change after running out of device memory: the plan of the run `cfg` and of the
+    settings that would shrink it (activation checkpointing, ZeRO-3, offload), as config
+    overrides with their predicted device peaks."""
+    acts = measure_activations(cfg, precision_dtype(precision))
+    plan = plan_memory(cfg, world, precision, acts)
+    eng, batch = cfg.engine, cfg.data.batch_size
+    lines = [f"`mmpretrain bench memory` predicts {plan.device_total / GIB:.1f} GiB per rank for "
+             f"this run (batch {batch} per rank)"
+             + (f"; the device has {device_bytes / GIB:.1f} GiB and the largest batch predicted"
+                f" to fit is {plan.max_batch(device_bytes)}" if device_bytes else "")]
+    steps: list[tuple[str, dict[str, Any]]] = []
+    if not cfg.model.activation_checkpointing:
+        steps.append(("model.activation_checkpointing=true",
+                      {"model": replace(cfg.model, activation_checkpointing=True)}))
+    if eng.zero_stage < 3 and world > 1:
+        steps.append(("engine.zero_stage=3" + (" engine.compile=false" if eng.compile else ""),
+                      {"engine": replace(eng, zero_stage=3, compile=False)}))
+    if not eng.offload_optimizer:
+        stage = max(1, eng.zero_stage)
+        steps.append(("engine.offload_optimizer=true"
+                      + ("" if eng.zero_stage else " engine.zero_stage=1"),
+                      {"engine": replace(eng, offload_optimizer=True, zero_stage=stage)}))
+    for override, change in steps:
+        alt = plan_memory(replace(cfg, **change), world, precision, acts)
+        lines.append(f"  {override}: {alt.device_total / GIB:.1f} GiB"
+                     + (f", largest batch {alt.max_batch(device_bytes)}" if device_bytes else ""))
+    lines.append(f"  data.batch_size=N with engine.grad_accum=M keeps the global batch "
+                 f"({batch} = N x M) at 1/M of the activations")
     return "\n".join(lines)
