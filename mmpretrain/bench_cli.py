@@ -224,17 +224,19 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"mmpretrain bench memory: error: {e}", file=sys.stderr)
         return 2
+    gpu = args.gpu_memory or H100_80GB_GIB
     if args.json:
         print(json.dumps({"model": args.model, "batch": args.batch, "zero": args.zero,
                           "world": args.world, "precision": args.precision,
                           "overrides": args.overrides, "params": plan.params,
                           "device": plan.device, "host": plan.host,
                           "device_total": plan.device_total, "host_total": plan.host_total,
-                          "activation_bytes_per_sample": plan.activation_bytes_per_sample}))
+                          "activation_bytes_per_sample": plan.activation_bytes_per_sample,
+                          "gpu_memory_gib": gpu, "max_batch": plan.max_batch(int(gpu * 2**30))}))
     else:
         print(f"mmpretrain bench memory: {args.model}, ZeRO {args.zero}, {args.world} rank(s),"
               f" {args.precision}" + "".join(f", {o}" for o in args.overrides))
-        print(format_plan(plan, args.gpu_memory or H100_80GB_GIB, args.host_memory))
+        print(format_plan(plan, gpu, args.host_memory))
     return 0
 
 

@@ -149,6 +149,7 @@ def test_bench_memory_cli() -> None:
     record = json.loads(js.stdout)
     assert record["params"] == 1_769_473 and record["device_total"] == sum(
         record["device"].values())
+    assert record["gpu_memory_gib"] == 79.1 and record["max_batch"] > 10_000
     bad = _cli("memory", "--model", "tiny", "engine.offload_params=true")
     assert bad.returncode == 2 and "engine.offload_params" in bad.stderr
 
