@@ -177,6 +177,28 @@ def test_precompile_fills_the_cache_a_launch_reads() -> None:
     assert precompile.cache_entries() == before
 
 
+def test_case_jobs_compile_what_the_gpu_parity_cases_launch() -> None:
+    """Explicit shapes with a padding mask (the GPU parity cases): compiled by the jobs, then
+    found in the cache by the same capture."""
+    from mmpretrain.kernels import precompile
+    from mmpretrain.kernels.attention_triton import tile_override
+
+    case = (4, 8, 77, 257, 64, False, True)  # cross-attention, padded keys
+    jobs = precompile.case_jobs([case], [torch.float16], ["split", "fused"], 90, 132)
+    assert [j.launch_dims() for j in jobs] == [case, case] and jobs[0].dtype == "float16"
+    report = precompile.precompile(jobs, workers=0)
+    assert report["failed"] == 0 and report["kernels"] == 4 + 3, report
+    before = precompile.cache_entries()
+    for job in jobs:
+        with tile_override(**dict(job.tiles)):
+            launches = aot.capture_launches(*case[:5], dtype=torch.float16, masked=True,
+                                            contiguous=True)
+        assert {x.name for x in launches} >= {"fwd", "bwd_preprocess"}
+        for launch in launches:
+            aot.compile_kernel(launch, 90)
+    assert precompile.cache_entries() == before
+
+
 def test_sweep_jobs_cover_every_candidate() -> None:
     from mmpretrain.kernels import bench, precompile
 

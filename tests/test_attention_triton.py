@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -82,6 +83,28 @@ GPU_SHAPES = [  # (B, H, Sq, Sk, D, causal, padded)
 GPU_TOL = {torch.float16: 1e-2, torch.bfloat16: 3e-2}  # of max |ref|, vs float64 reference
 
 
+HEURISTIC_SHAPES = [(64, 12, 197, 197, 64, False, False), (128, 8, 77, 77, 64, True, True)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _gpu_kernels_compiled_first() -> Iterator[None]:
+    """On a GPU, compile every GPU case's kernels in parallel processes before the tests run
+    (`kernels/precompile.py`, as `bench attention` does): one after another they would take
+    most of a short device session. Only a speed-up: a failure here leaves the JIT to it."""
+    if CUDA:
+        try:
+            from mmpretrain.kernels.attention_triton import device_arch, device_sms
+            from mmpretrain.kernels.precompile import case_jobs, default_workers, precompile
+
+            arch, sms = device_arch(torch.device("cuda")), device_sms(torch.device("cuda"))
+            jobs = case_jobs(GPU_SHAPES, list(GPU_TOL), ["split", "fused"], arch, sms)
+            jobs += case_jobs(HEURISTIC_SHAPES, [torch.bfloat16], [""], arch, sms)
+            print("precompiled:", precompile(jobs, default_workers()))
+        except Exception as e:  # noqa: BLE001
+            print(f"precompile skipped ({type(e).__name__}: {e})")
+    yield
+
+
 def _gpu_case(shape: tuple, dtype: torch.dtype, plan: str = "") -> dict[str, float]:
     """Errors of one case; `plan` "split" / "fused" forces that backward ("": heuristic)."""
     from mmpretrain.kernels.attention_triton import device_arch, tile_override
@@ -133,7 +156,7 @@ def test_gpu_heuristic_plan_at_model_batch() -> None:
     choice (the fused backward on an H100/H200) is run, bf16, and bitwise repeatable."""
     from mmpretrain.kernels.attention_triton import _use_fused, device_sms
 
-    for shape in ((64, 12, 197, 197, 64, False, False), (128, 8, 77, 77, 64, True, True)):
+    for shape in HEURISTIC_SHAPES:
         print(shape, "fused" if _use_fused(shape[2], shape[3], shape[0] * shape[1],
                                            device_sms(torch.device("cuda"))) else "split")
         first, again = _gpu_case(shape, torch.bfloat16), _gpu_case(shape, torch.bfloat16)

@@ -31,7 +31,8 @@ BWD_FUSED = ("bwd_preprocess", "bwd_fused")
 
 @dataclass(frozen=True)
 class Job:
-    """The kernels of one benchmark launch to compile: shape, tile_override kwargs, target."""
+    """The kernels of one launch to compile: a `bench.SHAPES` name or explicit `dims`
+    (B, H, Sq, Sk, D, causal, key-padding mask), tile_override kwargs, target."""
 
     shape: str
     tiles: tuple[tuple[str, Blocks], ...]
@@ -39,6 +40,13 @@ class Job:
     dtype: str = "bfloat16"
     arch: int = 90
     sms: int = 132
+    dims: tuple[int, int, int, int, int, bool, bool] | None = None
+
+    def launch_dims(self) -> tuple[int, int, int, int, int, bool, bool]:
+        """(B, H, Sq, Sk, D, causal, masked) of the launch."""
+        from mmpretrain.kernels.bench import SHAPES
+
+        return self.dims if self.dims is not None else (*SHAPES[self.shape], False)
 
 
 def bench_jobs(shape_names: list[str], impls: list[str], dtype: torch.dtype, arch: int,
@@ -53,6 +61,20 @@ def bench_jobs(shape_names: list[str], impls: list[str], dtype: torch.dtype, arc
             tiles = tuple(plan_override(impl, SHAPES[name][4], arch).items())
             jobs.append(Job(name, tiles, KERNELS, _dtype_name(dtype), arch, sms))
     return jobs
+
+
+def case_jobs(cases: list[tuple], dtypes: list[torch.dtype], plans: list[str], arch: int,
+              sms: int) -> list[Job]:
+    """Jobs for calls on separate contiguous (B, H, S, D) tensors, as the GPU parity tests
+    make them: every case (B, H, Sq, Sk, D, causal, masked) x dtype x backward plan
+    ("split", "fused", or "" for the heuristic's)."""
+    from mmpretrain.kernels.aot import KERNELS
+    from mmpretrain.kernels.bench import plan_override
+
+    return [Job("", tuple(plan_override(f"triton_{plan}" if plan else "triton", case[4],
+                                        arch).items()), KERNELS, _dtype_name(dtype), arch,
+                sms, tuple(case))
+            for case in cases for dtype in dtypes for plan in plans]
 
 
 def sweep_jobs(shape_names: list[str], dtype: torch.dtype, arch: int, sms: int) -> list[Job]:
@@ -85,15 +107,15 @@ def compile_job(job: Job) -> tuple[int, float, str]:
     """Compile one job's kernels into Triton's cache: (kernels compiled, seconds, error)."""
     from mmpretrain.kernels import aot
     from mmpretrain.kernels.attention_triton import tile_override
-    from mmpretrain.kernels.bench import SHAPES
 
-    batch, heads, sq, sk, dim, causal = SHAPES[job.shape]
+    batch, heads, sq, sk, dim, causal, masked = job.launch_dims()
     start, done = time.perf_counter(), 0
     try:
         with tile_override(**dict(job.tiles)):
             launches = aot.capture_launches(batch, heads, sq, sk, dim,
                                             dtype=getattr(torch, job.dtype), causal=causal,
-                                            contiguous=True, arch=job.arch, sms=job.sms)
+                                            masked=masked, contiguous=True, arch=job.arch,
+                                            sms=job.sms)
         for launch in (x for x in launches if x.name in job.kernels):
             aot.compile_kernel(launch, job.arch)
             done += 1
