@@ -113,7 +113,7 @@ quick() {
     echo "== $name rc=$? in $((SECONDS - t0))s" | tee -a "$log"
   }
   : > "$log"
-  step 90 "kernel parity (bf16, fp16; split and fused backward)" $py -m pytest -q -m gpu \
+  step 70 "kernel parity (bf16, fp16; split and fused backward)" $py -m pytest -q -m gpu \
     -p no:cacheprovider -k "not training" tests/test_attention_triton.py  # on/off run: `check`
   # both bench steps first compile their Triton kernels in parallel (--precompile-workers);
   # the sweep keeps $OUT/tiles.json current, and what it measured feeds the later steps
@@ -129,7 +129,7 @@ quick() {
   step 150 "bench train vit_b16 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
     bench train --model vit_b16 --batch 256 --zero 1 --steps 15 --warmup 6 \
     --compare open_clip engine.compile=true
-  step 70 "bench train vit_b16 compiled + triton attention" $py -m mmpretrain.cli \
+  step 90 "bench train vit_b16 compiled + triton attention" $py -m mmpretrain.cli \
     bench train --model vit_b16 --batch 256 --zero 1 --steps 15 --warmup 6 \
     engine.compile=true model.attention=triton "${tiles_opt[@]}"
   grep -E "^==|^precompile|compiled while|samples/s|ratio|ms |^(vit|text)" "$log" | tail -80
