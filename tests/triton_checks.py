@@ -68,6 +68,7 @@ TILE_CASES = [
 PACKED_CASES = [
     ("packed_s77_causal_pad", 2, 2, 77, 77, 64, True, "empty"),
     ("packed_s130_d80", 1, 2, 130, 130, 80, False, None),
+    ("packed_s40_d104", 1, 1, 40, 40, 104, False, None),  # ViT-bigG/14's head width
 ]
 
 
