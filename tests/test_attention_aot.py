@@ -199,6 +199,21 @@ def test_case_jobs_compile_what_the_gpu_parity_cases_launch() -> None:
     assert precompile.cache_entries() == before
 
 
+def test_model_jobs_are_the_towers_packed_launches() -> None:
+    """`bench train` with the Triton attention precompiles each tower's packed self-attention
+    at the run's batch; the text tower's is causal."""
+    from mmpretrain.config.load import load_config
+    from mmpretrain.kernels import precompile
+
+    cfg = load_config(None, ["model.size=vit_b16", "model.attention=triton"])
+    jobs = precompile.model_jobs(cfg.model, 256, torch.bfloat16, 90, 132)
+    assert [j.launch_dims() for j in jobs] == [(256, 12, 197, 197, 64, False, False),
+                                               (256, 8, 77, 77, 64, True, False)]
+    assert all(j.packed and j.table == "" and j.tiles == () for j in jobs)
+    done, _, error = precompile.compile_job(jobs[1])
+    assert error == "" and done == 3  # fwd, preprocess, fused backward (B*H >= 132 SMs)
+
+
 def test_sweep_jobs_cover_every_candidate() -> None:
     from mmpretrain.kernels import bench, precompile
 

@@ -48,6 +48,7 @@ def test_tiny_cpu_run_reports_sane_numbers(tiny_run: subprocess.CompletedProcess
     assert ours["host_peak_gb"] > 0 and ours["peak_reserved_gb"] is None  # no CUDA allocator
     assert 0 < ours["predicted_peak_gb"] < 1 and ours["predicted_host_gb"] == 0  # no offload
     assert ours["gpu_memory_limit_gb"] is None
+    assert ours["precompile"] is None  # only with the Triton attention on CUDA
     assert ours["loss"] > 0
     assert ours["versions"]["torch"] and ours["versions"]["deepspeed"]
     assert ours["sync_each_step"] and ours["overrides"] == ["optim.lr=0.0005"]

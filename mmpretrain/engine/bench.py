@@ -190,6 +190,26 @@ def _plan(trainer: Any) -> dict[str, Any]:
             "predicted_host_gb": plan.host_total / 2**30}
 
 
+def _precompile_attention(cfg: Any, local_rank: int) -> dict[str, Any] | None:
+    """With the Triton attention on CUDA, compile its kernels for both towers' shapes in
+    parallel processes before the run (as `bench attention` does), so that the warm-up steps
+    do not compile them one after another. One process per node does it."""
+    if cfg.model.attention != "triton" or not torch.cuda.is_available() or local_rank != 0:
+        return None
+    from mmpretrain.engine.ds_config import precision_dtype, resolve_precision
+    from mmpretrain.kernels.attention_triton import device_arch, device_sms
+    from mmpretrain.kernels.precompile import default_workers, model_jobs, precompile
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    dtype = precision_dtype(resolve_precision(cfg.engine.precision, device))
+    jobs = model_jobs(cfg.model, cfg.data.batch_size, dtype, device_arch(device),
+                      device_sms(device))
+    report = precompile(jobs, default_workers())
+    print(f"mmpretrain bench train: precompiled the Triton attention: {report}",
+          file=sys.stderr, flush=True)
+    return report
+
+
 def _oom_record(opts: BenchOptions, error: BaseException) -> dict[str, Any]:
     """The result of a run that ran out of device memory (the benchmark's answer: no fit)."""
     cuda = torch.cuda.is_available()
@@ -223,8 +243,11 @@ def bench_mmpretrain(opts: BenchOptions) -> dict[str, Any] | None:
             from mmpretrain.engine.memory import cap_device_memory
             index = denv.local_rank % max(1, torch.cuda.device_count())
             cap_device_memory(opts.gpu_memory, torch.device("cuda", index))
-        trainer = Trainer(load_config(None, bench_overrides(opts, tmp)))
-        result = {**_measure(trainer, opts), "gpu_memory_limit_gb": opts.gpu_memory or None}
+        cfg = load_config(None, bench_overrides(opts, tmp))
+        compiled = _precompile_attention(cfg, denv.local_rank)
+        trainer = Trainer(cfg)
+        result = {**_measure(trainer, opts), "gpu_memory_limit_gb": opts.gpu_memory or None,
+                  "precompile": compiled}
         if dist.is_initialized():
             dist.barrier()
     except torch.OutOfMemoryError as e:

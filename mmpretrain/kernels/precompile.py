@@ -20,6 +20,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,6 +42,10 @@ class Job:
     arch: int = 90
     sms: int = 132
     dims: tuple[int, int, int, int, int, bool, bool] | None = None
+    packed: bool = False
+    """q, k, v as views of one (B, S, 3, H, D) projection, as the model's towers call it."""
+    table: str = ""
+    """A tile table (`kernels/tiles.py`) the launch follows, as the model's does."""
 
     def launch_dims(self) -> tuple[int, int, int, int, int, bool, bool]:
         """(B, H, Sq, Sk, D, causal, masked) of the launch."""
@@ -77,6 +82,21 @@ def case_jobs(cases: list[tuple], dtypes: list[torch.dtype], plans: list[str], a
             for case in cases for dtype in dtypes for plan in plans]
 
 
+def model_jobs(model: Any, batch: int, dtype: torch.dtype, arch: int, sms: int) -> list[Job]:
+    """Jobs for a training step of `model` (a `ModelConfig`) at `batch` per rank: each tower's
+    self-attention on its packed QKV projection (the text tower causal), with the model's
+    tile table. A CoCa decoder's attention compiles on its first call."""
+    from mmpretrain.kernels.aot import KERNELS
+
+    vision, text = model.vision, model.text
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    towers = [(vision.heads, tokens, vision.width // vision.heads, False),
+              (text.heads, text.context_length, text.width // text.heads, True)]
+    return [Job("", (), KERNELS, _dtype_name(dtype), arch, sms,
+                (batch, heads, seq, seq, dim, causal, False), True, model.attention_tiles)
+            for heads, seq, dim, causal in towers]
+
+
 def sweep_jobs(shape_names: list[str], dtype: torch.dtype, arch: int, sms: int) -> list[Job]:
     """Jobs for `sweep_tiles` with its generated candidates: each forward tile alone, each
     split pair and (short sequences) each fused tile with the preprocess it sets."""
@@ -107,14 +127,18 @@ def compile_job(job: Job) -> tuple[int, float, str]:
     """Compile one job's kernels into Triton's cache: (kernels compiled, seconds, error)."""
     from mmpretrain.kernels import aot
     from mmpretrain.kernels.attention_triton import tile_override
+    from mmpretrain.kernels.tiles import load_tile_table
 
     batch, heads, sq, sk, dim, causal, masked = job.launch_dims()
     start, done = time.perf_counter(), 0
     try:
+        if job.table:
+            load_tile_table(job.table)
         with tile_override(**dict(job.tiles)):
             launches = aot.capture_launches(batch, heads, sq, sk, dim,
                                             dtype=getattr(torch, job.dtype), causal=causal,
-                                            masked=masked, contiguous=True, arch=job.arch,
+                                            masked=masked, packed=job.packed,
+                                            contiguous=not job.packed, arch=job.arch,
                                             sms=job.sms)
         for launch in (x for x in launches if x.name in job.kernels):
             aot.compile_kernel(launch, job.arch)
