@@ -293,6 +293,6 @@ def oom_advice(cfg: Any, world: int, precision: str, device_bytes: int | None) -
         alt = plan_memory(replace(cfg, **change), world, precision, acts)
         lines.append(f"  {override}: {alt.device_total / GIB:.1f} GiB"
                      + (f", largest batch {alt.max_batch(device_bytes)}" if device_bytes else ""))
-    lines.append(f"  data.batch_size=N with engine.grad_accum=M keeps the global batch "
-                 f"({batch} = N x M) at 1/M of the activations")
+    lines.append(f"  data.batch_size=N engine.grad_accum=M: the same {batch} samples per rank and "
+                 "step (N x M) with 1/M of the activations")
     return "\n".join(lines)
