@@ -212,43 +212,67 @@ def _add_bench_train_parser(bsub: argparse._SubParsersAction) -> None:
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
     """Predict a run's device and host memory per rank (no GPU needed)."""
-    from mmpretrain.config.load import ConfigError, load_config
-    from mmpretrain.engine.bench import BenchOptions, bench_overrides
+    from mmpretrain.config.load import ConfigError
     from mmpretrain.engine.memory import H100_80GB_GIB, format_plan, plan_memory
 
-    opts = BenchOptions(model=args.model, batch=args.batch, zero=args.zero,
-                        precision=args.precision, overrides=args.overrides)
     try:
-        cfg = load_config(None, bench_overrides(opts, "bench-memory"))
-        plan = plan_memory(cfg, args.world, args.precision)
-    except (ConfigError, ValueError) as e:
+        cfg = _memory_config(args)
+        precision = args.precision or (cfg.engine.precision if cfg.engine.precision != "auto"
+                                       else "bf16")  # auto: bf16 on the GPU
+        plan = plan_memory(cfg, args.world, precision)
+    except (ConfigError, ValueError, OSError) as e:
         print(f"mmpretrain bench memory: error: {e}", file=sys.stderr)
         return 2
     gpu = args.gpu_memory or H100_80GB_GIB
+    what = {"model": cfg.model.size or "custom", "batch": cfg.data.batch_size,
+            "zero": cfg.engine.zero_stage, "world": args.world, "precision": precision,
+            "config": args.config or None, "overrides": args.overrides}
     if args.json:
-        print(json.dumps({"model": args.model, "batch": args.batch, "zero": args.zero,
-                          "world": args.world, "precision": args.precision,
-                          "overrides": args.overrides, "params": plan.params,
-                          "device": plan.device, "host": plan.host,
-                          "device_total": plan.device_total, "host_total": plan.host_total,
+        print(json.dumps({**what, "params": plan.params, "device": plan.device,
+                          "host": plan.host, "device_total": plan.device_total,
+                          "host_total": plan.host_total,
                           "activation_bytes_per_sample": plan.activation_bytes_per_sample,
                           "gpu_memory_gib": gpu, "max_batch": plan.max_batch(int(gpu * 2**30))}))
     else:
-        print(f"mmpretrain bench memory: {args.model}, ZeRO {args.zero}, {args.world} rank(s),"
-              f" {args.precision}" + "".join(f", {o}" for o in args.overrides))
+        print(f"mmpretrain bench memory: {what['model']}"
+              + (f" ({args.config})" if args.config else "")
+              + f", ZeRO {what['zero']}, {args.world} rank(s), {precision}"
+              + "".join(f", {o}" for o in args.overrides))
         print(format_plan(plan, gpu, args.host_memory))
     return 0
+
+
+def _memory_config(args: argparse.Namespace):  # noqa: ANN202 - an ExperimentConfig
+    """The run to plan: `--config` (with --model/--batch/--zero only where given), or a named
+    size as `bench train` builds it (defaults vit_b16, batch 256, ZeRO 1)."""
+    from mmpretrain.config.load import load_config
+    from mmpretrain.engine.bench import BenchOptions, bench_overrides
+
+    if args.config:
+        given = [f"model.size={args.model}"] if args.model else []
+        given += [f"data.batch_size={args.batch}"] if args.batch else []
+        given += [f"engine.zero_stage={args.zero}"] if args.zero is not None else []
+        return load_config(args.config, [*given, *args.overrides])
+    opts = BenchOptions(model=args.model or "vit_b16", batch=args.batch or 256,
+                        zero=1 if args.zero is None else args.zero, overrides=args.overrides)
+    return load_config(None, bench_overrides(opts, "bench-memory"))
 
 
 def _add_bench_memory_parser(bsub: argparse._SubParsersAction) -> None:
     b = bsub.add_parser("memory", help="predict device and host memory per rank of a training "
                         "run (model states by ZeRO stage and offload, activations measured on "
                         "CPU); no GPU needed")
-    b.add_argument("--model", default="vit_b16", help="named model size (model.size)")
-    b.add_argument("--batch", type=int, default=256, help="micro-batch size per rank")
-    b.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3), help="ZeRO stage")
+    b.add_argument("--config", "-c", default="",
+                   help="plan this run config (YAML; --model/--batch/--zero override it)")
+    b.add_argument("--model", default=None,
+                   help="named model size (model.size; default vit_b16 without --config)")
+    b.add_argument("--batch", type=int, default=None,
+                   help="micro-batch size per rank (default 256 without --config)")
+    b.add_argument("--zero", type=int, default=None, choices=(0, 1, 2, 3),
+                   help="ZeRO stage (default 1 without --config)")
     b.add_argument("--world", type=int, default=1, help="ranks the run would use")
-    b.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
+    b.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="default: the config's, bf16 for auto")
     b.add_argument("--gpu-memory", type=float, default=None,
                    help="device memory to check against, GiB (default: an H100 80GB's 79.1)")
     b.add_argument("--host-memory", type=float, default=None,

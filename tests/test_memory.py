@@ -150,6 +150,11 @@ def test_bench_memory_cli() -> None:
     assert record["params"] == 1_769_473 and record["device_total"] == sum(
         record["device"].values())
     assert record["gpu_memory_gib"] == 79.1 and record["max_batch"] > 10_000
+    own = json.loads(_cli("memory", "-c", "experiments/clip_vit_b16.yaml", "--world", "8",
+                          "--batch", "128", "--json").stdout)
+    assert (own["model"], own["zero"], own["batch"], own["precision"]) == ("vit_b16", 2, 128,
+                                                                          "bf16")
+    assert own["device"]["gradients"] == own["params"] * 2 // 8  # ZeRO-2 over 8 ranks
     bad = _cli("memory", "--model", "tiny", "engine.offload_params=true")
     assert bad.returncode == 2 and "engine.offload_params" in bad.stderr
 
