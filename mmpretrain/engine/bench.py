@@ -216,7 +216,7 @@ def _oom_record(opts: BenchOptions, error: BaseException) -> dict[str, Any]:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return {"impl": "mmpretrain", "model": opts.model, "batch_per_rank": opts.batch,
             "zero_stage": opts.zero, "overrides": list(opts.overrides), "oom": True,
-            "error": str(error).splitlines()[0][:300], "gpu_memory_limit_gb": opts.gpu_memory,
+            "error": str(error).splitlines()[0][:300], "gpu_memory_limit_gb": opts.gpu_memory or None,
             **_memory(device), "device": device_name(device), "device_type": device.type,
             "versions": versions()}
 
