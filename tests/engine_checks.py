@@ -1,6 +1,6 @@
 """Checks that need a real DeepSpeed engine in a fresh process; run by tests/test_engine.py.
 
-    python tests/engine_checks.py accum OUT_DIR       # accumulation 4 x 8 == batch 32
+    python tests/engine_checks.py accum OUT_DIR       # accumulation 4 x 8 == batch 32 (+ fused)
     python tests/engine_checks.py zero3_init OUT_DIR  # zero.Init builds the same weights
     python tests/engine_checks.py nonfinite OUT_DIR   # NaN steps are skipped, then the run stops
     python tests/engine_checks.py universal OUT_DIR STAGE NAME  # resume on another world size
@@ -46,16 +46,25 @@ def check_accum(out: str) -> dict:
     big = _trainer(out, "big", "data.batch_size=32", "engine.grad_accum=1", "engine.zero_stage=0")
     small = _trainer(out, "small", "data.batch_size=8", "engine.grad_accum=4",
                      "engine.zero_stage=0")
+    fused = _trainer(out, "fused", "data.batch_size=8", "engine.grad_accum=4",
+                     "engine.zero_stage=0", "loss.fused=true")
     batch = synthetic_batch(0, 0, 0, 32, 32, 32, 1024)
     micro = [{k: v[i * 8:(i + 1) * 8] for k, v in batch.items()} for i in range(4)]
-    g_big, g_small = _grab_grads(big), _grab_grads(small)
+    g_big, g_small, g_fused = _grab_grads(big), _grab_grads(small), _grab_grads(fused)
     loss_big = big.train_step([batch])["loss"].item()
     loss_small = small.train_step(micro)["loss"].item()
-    diffs = {n: (g_big[n] - g_small[n]).abs().max().item() / (g_big[n].abs().max().item() + 1e-12)
-             for n in g_big}
+    loss_fused = fused.train_step(micro)["loss"].item()
+
+    def rel(ref: torch.Tensor, got: torch.Tensor) -> float:
+        return (ref - got).abs().max().item() / (ref.abs().max().item() + 1e-12)
+
+    diffs = {n: rel(g_big[n], g_small[n]) for n in g_big}
+    fused_diffs = {n: rel(g_big[n], g_fused[n]) for n in g_big}
     return {"loss_big": loss_big, "loss_small": loss_small, "n_grads": len(g_big),
             "n_grads_small": len(g_small), "max_rel_grad_diff": max(diffs.values()),
-            "logit_scale_rel_diff": diffs["model.logit_scale"]}
+            "logit_scale_rel_diff": diffs["model.logit_scale"], "loss_fused": loss_fused,
+            "n_grads_fused": len(g_fused), "max_rel_grad_diff_fused": max(fused_diffs.values()),
+            "logit_scale_rel_diff_fused": fused_diffs["model.logit_scale"]}
 
 
 def check_zero3_init(out: str) -> dict:

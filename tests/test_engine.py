@@ -25,12 +25,17 @@ def _check(name: str, out: Path, *args: str, nproc: int = 1) -> dict:
 
 def test_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     """4 micro-batches of 8 with cached features == one batch of 32: loss and every gradient
-    (the logit scale's gradient counted once, not four times)."""
+    (the logit scale's gradient counted once, not four times); the same with `loss.fused`."""
     r = _check("accum", tmp_path)
     assert r["loss_small"] == r["loss_big"]
     assert r["n_grads"] == r["n_grads_small"] > 100
     assert r["max_rel_grad_diff"] < 1e-5, r
     assert r["logit_scale_rel_diff"] < 1e-6, r
+    # the fused loss over the same cached micro-batches (scale detached after the first)
+    assert abs(r["loss_fused"] - r["loss_big"]) <= 1e-6 * abs(r["loss_big"]), r
+    assert r["n_grads_fused"] == r["n_grads"], r
+    assert r["max_rel_grad_diff_fused"] < 1e-5, r
+    assert r["logit_scale_rel_diff_fused"] < 1e-6, r
 
 
 def test_zero3_builds_partitioned_model_with_the_same_init(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Contrastive losses: against naive loops, gradcheck, and a 2-rank gloo run vs 1 rank."""
+"""Contrastive losses: against naive loops, gradcheck, the fused (chunked) losses against the
+plain ones, and a 2-rank gloo run vs 1 rank."""
 from __future__ import annotations
 
 import math
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from mmpretrain.config.schema import LossConfig
 from mmpretrain.losses import ClipLoss, SigLipLoss, build_loss, gather_features
+from mmpretrain.losses.fused import chunk_rows, infonce, siglip
 
 
 def naive_clip(img, txt, scale):
@@ -92,6 +94,101 @@ def test_build_loss_and_single_process_gather():
         build_loss(LossConfig(kind="triplet"))  # type: ignore[arg-type]
 
 
+# ---- fused (chunked) losses ----------------------------------------------------------------
+
+def _loss_and_grads(loss_fn, img, txt, use_bias, scale_grad=True):
+    img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    scale = torch.tensor([SCALE], dtype=img.dtype, requires_grad=scale_grad)
+    bias = torch.tensor([BIAS], dtype=img.dtype, requires_grad=True) if use_bias else None
+    loss = loss_fn(img, txt, scale, bias)
+    loss.backward()
+    out = {"loss": loss.detach(), "img": img.grad, "txt": txt.grad, "scale": scale.grad}
+    return out | ({"bias": bias.grad} if use_bias else {})
+
+
+FUSED_CASES = {  # name -> (plain, fused given a chunk, uses bias)
+    "clip": (lambda: ClipLoss(), lambda c: ClipLoss(fused=True, chunk=c), False),
+    "clip_local": (lambda: ClipLoss(local_loss=True),
+                   lambda c: ClipLoss(local_loss=True, fused=True, chunk=c), False),
+    "siglip": (lambda: SigLipLoss(), lambda c: SigLipLoss(fused=True, chunk=c), True),
+    "siglip_nobias": (lambda: SigLipLoss(), lambda c: SigLipLoss(fused=True, chunk=c), False),
+}
+
+
+@pytest.mark.parametrize("chunk", [None, 3, 1])
+@pytest.mark.parametrize("name", sorted(FUSED_CASES))
+def test_fused_loss_matches_plain(name, chunk):
+    """The chunked losses with their own backward: the plain loss's value and gradients (img,
+    txt, scale, bias) in float64, whether the rows fit one chunk or take 4 or 10."""
+    plain, fused, use_bias = FUSED_CASES[name]
+    img, txt = _features(n=10, e=6, seed=5)
+    want = _loss_and_grads(plain(), img, txt, use_bias)
+    got = _loss_and_grads(fused(chunk), img, txt, use_bias)
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-14, msg=key)
+
+
+def test_fused_loss_offset_rows_and_frozen_scale():
+    """Rows against a longer column set with the positives offset (one rank's rows of a global
+    batch), and a scale without gradient (a cached micro-batch after the first)."""
+    g = torch.Generator().manual_seed(7)
+    a = F.normalize(torch.randn(4, 5, generator=g, dtype=torch.float64), dim=-1)
+    b = F.normalize(torch.randn(12, 5, generator=g, dtype=torch.float64), dim=-1)
+    labels = torch.arange(4) + 8
+    for chunk in (None, 3):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        scale = torch.tensor(SCALE, dtype=torch.float64)
+        loss = infonce(x, y, scale, offset=8, chunk=chunk)
+        loss.backward()
+        x2, y2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+        ref = F.cross_entropy(SCALE * x2 @ y2.T, labels)
+        ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(y.grad, y2.grad, rtol=1e-12, atol=1e-14)
+        x3 = a.clone().requires_grad_()
+        z = -torch.ones(4, 12, dtype=torch.float64)
+        z[torch.arange(4), labels] = 1.0
+        ref = -F.logsigmoid(z * (SCALE * x3 @ b.T + BIAS)).sum() / 4
+        got = siglip(a.clone().requires_grad_(), b, scale, torch.tensor(BIAS), 8, chunk)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="square"):
+        infonce(a, b, torch.tensor(1.0), symmetric=True)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_fused_loss_fp32_against_fp64(kind):
+    """fp32 features, a large scale and 7 chunks: within fp32 rounding of the fp64 loss."""
+    img, txt = _features(n=300, e=64, seed=11)
+    make = (lambda c: ClipLoss(fused=True, chunk=c)) if kind == "clip" else (
+        lambda c: SigLipLoss(fused=True, chunk=c))
+    want = _loss_and_grads(make(None), img, txt, kind == "siglip")
+    got = _loss_and_grads(make(45), img.float(), txt.float(), kind == "siglip")
+    for key in want:
+        torch.testing.assert_close(got[key].double(), want[key], rtol=2e-5, atol=1e-7, msg=key)
+
+
+def test_fused_loss_keeps_no_square_matrix():
+    """What autograd keeps between forward and backward: the plain CLIP loss keeps (N, N)
+    tensors, the fused one only the features, the scale and (N,) vectors."""
+    n, e = 256, 16
+    img, txt = (t.float().requires_grad_() for t in _features(n=n, e=e, seed=2))
+    scale = torch.tensor(SCALE, requires_grad=True)
+    for fused, chunk in ((False, None), (True, None), (True, 50)):
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ClipLoss(fused=fused, chunk=chunk)(img, txt, scale)
+        square = [s for s in shapes if s == (n, n)]
+        assert bool(square) is not fused, shapes
+    assert chunk_rows(4096) == 4096 and chunk_rows(32768) == 512 and chunk_rows(1 << 30) == 1
+
+
 # ---- two ranks over gloo -------------------------------------------------------------------
 
 # name -> (loss factory, uses bias)
@@ -101,6 +198,11 @@ DIST_CASES = {
     "clip_nograd": (lambda: ClipLoss(local_loss=False, gather_with_grad=False), False),
     "siglip": (lambda: SigLipLoss(gather_with_grad=True), True),
     "siglip_nograd": (lambda: SigLipLoss(gather_with_grad=False), True),
+    # the fused losses, in chunks of 3 rows (so ranks' rows span chunks): equal to the above
+    "clip_fused": (lambda: ClipLoss(fused=True, chunk=3), False),
+    "clip_local_fused": (lambda: ClipLoss(local_loss=True, fused=True, chunk=3), False),
+    "clip_nograd_fused": (lambda: ClipLoss(gather_with_grad=False, fused=True, chunk=3), False),
+    "siglip_fused": (lambda: SigLipLoss(fused=True, chunk=3), True),
 }
 SCALE, BIAS = 7.0, -2.0
 
@@ -180,3 +282,14 @@ def test_two_ranks_gradients_without_grad_gather(two_rank_results):
     for key in ("img", "txt"):
         got = torch.cat([r["clip_nograd"][key] for r in ranks])
         torch.testing.assert_close(got, single["clip_nograd"][key], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["clip", "clip_local", "clip_nograd", "siglip"])
+def test_two_ranks_fused_equals_plain(two_rank_results, name):
+    """On every rank the fused loss gives the plain loss's value and gradients."""
+    _, ranks, single = two_rank_results
+    for result in [*ranks, single]:
+        want, got = result[name], result[name + "_fused"]
+        assert want.keys() == got.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-14, msg=key)

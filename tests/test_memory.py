@@ -10,8 +10,11 @@ import torch
 
 from helpers import REPO, clean_env
 from mmpretrain.config.load import load_config
+from mmpretrain.config.schema import LossConfig
 from mmpretrain.engine.memory import (GIB, MemoryPlan, _depths, _saved_bytes, cap_device_memory,
-                                      measure_activations, model_state_bytes, plan_memory)
+                                      contrastive_loss_bytes, measure_activations,
+                                      model_state_bytes, plan_memory)
+from mmpretrain.losses import build_loss
 from mmpretrain.kernels import get_default_impl
 from mmpretrain.model import build_model
 from mmpretrain.model.task import build_task
@@ -123,6 +126,38 @@ def test_max_batch_and_offload_make_a_large_model_fit() -> None:
     plan = MemoryPlan(offloaded.params, 0, {**offloaded.device, "activations": fits * per_sample},
                       {}, per_sample)
     assert plan.device_total <= 80 * GIB < plan.device_total + plan.activation_bytes_per_sample
+
+
+@pytest.mark.parametrize("kind, local, fused", [("clip", False, False), ("clip", True, False),
+                                                ("siglip", False, False), ("clip", False, True),
+                                                ("siglip", False, True)])
+def test_contrastive_loss_bytes_are_what_autograd_keeps(kind: str, local: bool,
+                                                        fused: bool) -> None:
+    """The plan's loss term is what the loss saves for its backward beyond copies the size of
+    the features (the plain losses save the scaled features for the matmul's backward; the
+    fused ones (N,) vectors): inputs excluded, within two feature copies and 1 KiB."""
+    cfg = LossConfig(kind=kind, local_loss=local, fused=fused)
+    rows, width = 96, 16
+    feats = [torch.randn(rows, width, requires_grad=True) for _ in range(2)]
+    scale, bias = (torch.tensor(v, requires_grad=True) for v in (10.0, -5.0))
+    inputs = {t.untyped_storage().data_ptr() for t in (*feats, scale, bias)}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in inputs:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        build_loss(cfg)(*feats, scale, bias)
+    predicted = contrastive_loss_bytes(cfg, rows, 1)
+    slack = 2 * rows * width * 4 + 1024
+    assert predicted <= sum(seen.values()) <= predicted + slack, (seen, predicted)
+    assert (predicted == 0) is fused
+    # over W ranks, the global matrix without local_loss, one rank's rows otherwise
+    n = rows * 4
+    assert contrastive_loss_bytes(cfg, rows, 4) == (
+        0 if fused else 12 * rows * n if kind == "siglip" else 8 * (rows if local else n) * n)
 
 
 def test_cap_device_memory_needs_cuda() -> None:

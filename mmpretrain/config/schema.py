@@ -186,6 +186,11 @@ class LossConfig:
     """Let gradients flow through the cross-rank feature gather (exact gradients)."""
     local_loss: bool = False
     """Each rank computes only its own rows of the global logit matrix (less memory)."""
+    fused: bool = False
+    """Compute the contrastive loss in row chunks with a hand-written backward
+    (`losses/fused.py`): the same values, but no (N, N) logit matrix is kept for the backward
+    (plain CLIP keeps 8·N² bytes for a global batch of N, 8 GiB at N = 32,768, on every
+    rank without `local_loss`)."""
     contrastive_weight: float = 1.0
     """Weight of the contrastive loss in the total loss (CoCa: 1)."""
     caption_weight: float = 2.0

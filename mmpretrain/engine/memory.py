@@ -216,9 +216,24 @@ def plan_memory(cfg: Any, world: int, precision: str, measured: dict[str, int] |
     else:
         per_sample = acts["base"] + sum(depths[t] * acts[t] for t in depths)
     batch = cfg.data.batch_size
-    logits = 2 * 4 * batch * batch * max(1, world)  # fp32 logits and their softmax, both ways
+    logits = contrastive_loss_bytes(cfg.loss, batch * cfg.engine.grad_accum, world)
     device["activations"] = per_sample * batch + acts.get("fixed", 0) + logits
     return MemoryPlan(params, largest, device, host, per_sample, batch)
+
+
+def contrastive_loss_bytes(loss: Any, rows: int, world: int) -> int:
+    """Bytes the contrastive loss (a `LossConfig`) keeps for its backward when each of `world`
+    ranks holds `rows` samples (the micro-batch times the accumulation steps, whose cached
+    features the loss covers): fp32, as `tests/test_memory.py` measures with saved-tensor
+    hooks. Plain CLIP keeps one log-softmax per direction of its logits, (N, N) each over the
+    global batch N, or (rows, N) with `local_loss`; plain SigLIP 12 bytes per logit of its
+    (rows, N); the fused losses only O(N) vectors."""
+    if loss.fused:
+        return 0
+    n = rows * max(1, world)
+    if loss.kind == "siglip":
+        return 12 * rows * n
+    return 8 * (rows if loss.local_loss else n) * n
 
 
 def cap_device_memory(gib: float, device: torch.device) -> float:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpretrain.config.schema import LossConfig
+from mmpretrain.losses.fused import infonce, siglip
 
 
 def _world() -> tuple[int, int]:
@@ -76,12 +77,17 @@ class ClipLoss(nn.Module):
     ``local_loss=False``: every rank computes the full (W*B, W*B) logit matrix and the full
     loss. ``local_loss=True``: each rank computes only its own B rows against all W*B columns,
     in both directions, with labels offset by rank*B (less memory; mean over ranks = full loss).
+    ``fused=True``: the same loss from `fused.infonce`, in row chunks of at most `chunk` rows
+    with its own backward, never holding the whole logit matrix.
     """
 
-    def __init__(self, local_loss: bool = False, gather_with_grad: bool = True) -> None:
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = True,
+                 fused: bool = False, chunk: int | None = None) -> None:
         super().__init__()
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
+        self.fused = fused
+        self.chunk = chunk
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None
@@ -95,6 +101,14 @@ class ClipLoss(nn.Module):
         batch = image_features.shape[0]
         all_img, all_txt = gather_features(image_features, text_features,
                                            self.gather_with_grad, self.local_loss)  # (W*B, E)
+        del logit_bias
+        if self.fused and self.local_loss:
+            offset = rank * batch
+            return 0.5 * (infonce(image_features, all_txt, logit_scale, offset, chunk=self.chunk)
+                          + infonce(text_features, all_img, logit_scale, offset,
+                                    chunk=self.chunk))
+        if self.fused:
+            return infonce(all_img, all_txt, logit_scale, symmetric=True, chunk=self.chunk)
         if self.local_loss:
             logits_per_image = logit_scale * image_features @ all_txt.T  # (B, W*B)
             logits_per_text = logit_scale * text_features @ all_img.T  # (B, W*B)
@@ -103,7 +117,6 @@ class ClipLoss(nn.Module):
             logits_per_image = logit_scale * all_img @ all_txt.T  # (W*B, W*B)
             logits_per_text = logits_per_image.T  # (W*B, W*B)
             labels = torch.arange(world * batch, device=image_features.device)  # (W*B,)
-        del logit_bias
         return 0.5 * (F.cross_entropy(logits_per_image, labels)
                       + F.cross_entropy(logits_per_text, labels))
 
@@ -115,12 +128,16 @@ class SigLipLoss(nn.Module):
     number of image rows. Across W ranks each rank gathers all text features and computes its
     own B image rows against all W*B texts, normalized by its B rows (as open_clip does), so the
     mean over ranks of the per-rank losses equals the 1-rank loss on the concatenated batch,
-    which is normalized by its W*B rows. Image features are never gathered.
+    which is normalized by its W*B rows. Image features are never gathered. ``fused=True``
+    computes the same loss with `fused.siglip` (row chunks, its own backward).
     """
 
-    def __init__(self, gather_with_grad: bool = True) -> None:
+    def __init__(self, gather_with_grad: bool = True, fused: bool = False,
+                 chunk: int | None = None) -> None:
         super().__init__()
         self.gather_with_grad = gather_with_grad
+        self.fused = fused
+        self.chunk = chunk
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None
@@ -129,6 +146,9 @@ class SigLipLoss(nn.Module):
         rank, _ = _world()
         batch = image_features.shape[0]
         all_txt = gather_tensor(text_features, self.gather_with_grad)  # (W*B, E)
+        if self.fused:
+            return siglip(image_features, all_txt, logit_scale, logit_bias, rank * batch,
+                          chunk=self.chunk)
         logits = logit_scale * image_features @ all_txt.T  # (B, W*B)
         if logit_bias is not None:
             logits = logits + logit_bias  # (B, W*B)
@@ -141,7 +161,8 @@ class SigLipLoss(nn.Module):
 def build_loss(cfg: LossConfig) -> nn.Module:
     """The loss module named by ``loss.kind`` (`local_loss` applies to CLIP only)."""
     if cfg.kind == "clip":
-        return ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad)
+        return ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
+                        fused=cfg.fused)
     if cfg.kind == "siglip":
-        return SigLipLoss(gather_with_grad=cfg.gather_with_grad)
+        return SigLipLoss(gather_with_grad=cfg.gather_with_grad, fused=cfg.fused)
     raise ValueError(f"loss.kind must be 'clip' or 'siglip', got {cfg.kind!r}")
