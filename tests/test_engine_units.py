@@ -15,7 +15,7 @@ from mmpretrain.config.load import load_config
 from mmpretrain.config.schema import OptimConfig
 from mmpretrain.engine.ds_config import build_ds_config, precision_dtype, resolve_precision
 from mmpretrain.engine.optim import (AdamWSkipNonFinite, build_optimizer, build_scheduler,
-                                     lr_factor, no_decay, param_groups)
+                                     lr_factor, no_decay, optimizer_impl, param_groups)
 from mmpretrain.engine.stepflags import LaggedFlags, StepFlags
 from mmpretrain.logging import metrics
 from mmpretrain.logging.metrics import (JsonlWriter, StepMeter, format_metrics, peak_memory_gb,
@@ -97,17 +97,41 @@ def test_build_optimizer_cpu(tiny_model: nn.Module) -> None:
     assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]
     for g in opt.param_groups:
         assert g["lr"] == 3e-4 and g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8
-        assert not g["fused"]
+        assert not g["fused"] and not g["foreach"]  # auto on CPU: the per-parameter loop
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_nonfinite_step_is_skipped_on_device_or_host(fused: bool) -> None:
+@pytest.mark.parametrize("impl", ["fused", "foreach", "loop"])
+def test_optimizer_impls_agree(tiny_model: nn.Module, impl: str) -> None:
+    """`optim.impl` picks torch's AdamW kernel; three steps of each give the loop's weights to
+    rounding."""
+    def run(which: str) -> dict[str, torch.Tensor]:
+        model = copy.deepcopy(tiny_model)
+        cfg = OptimConfig(lr=1e-2, impl=which)  # type: ignore[arg-type]
+        opt = build_optimizer(model, cfg, CPU)
+        g = opt.param_groups[0]
+        assert bool(g["fused"]) == (which == "fused")
+        assert bool(g["foreach"]) == (which == "foreach")
+        for step in range(3):
+            torch.manual_seed(step)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return {n: p.detach() for n, p in model.named_parameters()}
+
+    want, got = run("loop"), run(impl)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert optimizer_impl(OptimConfig(), torch.device("cuda")) == "fused"
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach", "loop"])
+def test_nonfinite_step_is_skipped_on_device_or_host(impl: str) -> None:
     """A NaN gradient leaves weights, moments and the step count untouched; the next finite
     step updates. Fused: the flag reaches the kernel as `found_inf` (the CUDA path, no host
     read); the fused CPU kernel takes the same argument, so the path is tested here."""
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
-    kwargs = {"fused": True} if fused else {"foreach": False}
+    kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
     opt = AdamWSkipNonFinite(model.parameters(), lr=0.1, weight_decay=0.1, **kwargs)
     for p in model.parameters():
         p.grad = torch.ones_like(p)

@@ -223,6 +223,10 @@ class OptimConfig:
     """Final learning rate of the cosine schedule as a fraction of `lr`."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0: no clipping)."""
+    impl: Literal["auto", "fused", "foreach", "loop"] = "auto"
+    """How torch's AdamW runs the update: `fused` (one kernel for all parameters), `foreach`
+    (a few multi-tensor kernels per operation) or `loop` (per parameter); `auto`: fused on
+    CUDA, loop on CPU. The results agree to rounding; the choice is a speed lever."""
     max_skipped_steps: int = 10
     """Steps with a non-finite loss or gradient are skipped (no update) and counted; more than
     this many in a row stop the run with a checkpoint of the last good state."""

@@ -74,9 +74,18 @@ def _flag_device(grads: list[torch.Tensor]) -> torch.device:
     return grads[0].device if grads else torch.device("cpu")
 
 
+def optimizer_impl(cfg: OptimConfig, device: torch.device) -> str:
+    """`optim.impl` resolved for `device`: fused on CUDA and loop on CPU for `auto`."""
+    if cfg.impl == "auto":
+        return "fused" if device.type == "cuda" else "loop"
+    return cfg.impl
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (fused on CUDA) over `param_groups` that skips steps with non-finite gradients."""
-    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": False}
+    """AdamW (`optimizer_impl`: fused on CUDA) over `param_groups` that skips steps with
+    non-finite gradients."""
+    impl = optimizer_impl(cfg, device)
+    kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
     return AdamWSkipNonFinite(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                               betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
 
