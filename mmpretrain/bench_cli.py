@@ -1,4 +1,5 @@
-"""`mmpretrain bench ...`: the data, attention-kernel and training benchmarks' command lines."""
+"""`mmpretrain bench ...`: the data, attention-kernel, loss, training and memory benchmarks'
+command lines."""
 from __future__ import annotations
 
 import argparse
@@ -162,6 +163,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_bench_attention_parser(bsub)
     _add_bench_train_parser(bsub)
     _add_bench_memory_parser(bsub)
+    _add_bench_loss_parser(bsub)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
@@ -281,3 +283,44 @@ def _add_bench_memory_parser(bsub: argparse._SubParsersAction) -> None:
     b.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="config overrides, e.g. engine.offload_optimizer=true")
     b.set_defaults(func=cmd_bench_memory)
+
+
+def cmd_bench_loss(args: argparse.Namespace) -> int:
+    """Time the contrastive loss alone, plain vs fused, and the memory it keeps."""
+    import torch
+
+    from mmpretrain.losses.bench import bench_loss, format_table
+
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        records = bench_loss(args.kinds.split(","), args.impls.split(","),
+                             [int(n) for n in args.batches.split(",")], args.width, device,
+                             args.warmup, args.iters,
+                             progress=lambda r: print(format_table([r]).splitlines()[-1],
+                                                      file=sys.stderr, flush=True))
+    except ValueError as e:
+        print(f"mmpretrain bench loss: error: {e}", file=sys.stderr)
+        return 2
+    print(f"mmpretrain bench loss: {device}, torch {torch.__version__}, embedding width "
+          f"{args.width}, fp32 features")
+    print(format_table(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return 0
+
+
+def _add_bench_loss_parser(bsub: argparse._SubParsersAction) -> None:
+    b = bsub.add_parser("loss", help="the contrastive loss alone over a global batch: plain vs "
+                        "fused (loss.fused), forward+backward ms and the memory it keeps")
+    b.add_argument("--kinds", default="clip,siglip", help="clip (the full (N, N) matrix, as "
+                   "every rank computes it without local_loss) and/or siglip")
+    b.add_argument("--impls", default="plain,fused")
+    b.add_argument("--batches", default="256,4096,16384", help="global batch sizes N")
+    b.add_argument("--width", type=int, default=512, help="embedding width E")
+    b.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--iters", type=int, default=10)
+    b.add_argument("--json", default="", metavar="FILE", help="also write the records here")
+    b.set_defaults(func=cmd_bench_loss)

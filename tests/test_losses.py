@@ -2,9 +2,12 @@
 plain ones, and a 2-rank gloo run vs 1 rank."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -13,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from helpers import REPO, clean_env
 from mmpretrain.config.schema import LossConfig
 from mmpretrain.losses import ClipLoss, SigLipLoss, build_loss, gather_features
 from mmpretrain.losses.fused import chunk_rows, infonce, siglip
@@ -187,6 +191,31 @@ def test_fused_loss_keeps_no_square_matrix():
         square = [s for s in shapes if s == (n, n)]
         assert bool(square) is not fused, shapes
     assert chunk_rows(4096) == 4096 and chunk_rows(32768) == 512 and chunk_rows(1 << 30) == 1
+
+
+def test_bench_loss_cli(tmp_path):
+    """`mmpretrain bench loss`: every (kind, batch, impl) cell; plain and fused agree on the
+    loss, and the fused loss keeps almost nothing for its backward."""
+    out = tmp_path / "loss.json"
+    proc = subprocess.run([sys.executable, "-m", "mmpretrain.cli", "bench", "loss", "--batches",
+                           "96,160", "--width", "32", "--warmup", "0", "--iters", "1",
+                           "--device", "cpu", "--json", str(out)], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "ms fwd+bwd" in proc.stdout and "saved MiB" in proc.stdout
+    records = json.loads(out.read_text())
+    cells = {(r["kind"], r["batch"], r["impl"]): r for r in records}
+    assert len(cells) == 8
+    for kind in ("clip", "siglip"):
+        for n in (96, 160):
+            plain, fused = cells[kind, n, "plain"], cells[kind, n, "fused"]
+            assert math.isclose(plain["loss"], fused["loss"], rel_tol=1e-5)
+            assert plain["ms"] > 0 and fused["ms"] > 0 and "peak_mib" not in plain
+            assert fused["saved_mib"] < 0.01 < plain["saved_mib"]
+    bad = subprocess.run([sys.executable, "-m", "mmpretrain.cli", "bench", "loss", "--kinds",
+                          "triplet"], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "unknown kind ['triplet']" in bad.stderr
 
 
 # ---- two ranks over gloo -------------------------------------------------------------------

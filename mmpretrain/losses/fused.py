@@ -52,11 +52,12 @@ def _positive_index(rows: int, start: int, offset: int, device: torch.device
 
 def _feature_grads(ctx, g: torch.Tensor, a_c: torch.Tensor, b: torch.Tensor,
                    scale: torch.Tensor, db: torch.Tensor | None) -> torch.Tensor | None:
-    """From the logits' gradient g (c, C) of one chunk: accumulate dL/db, return dL/da_c."""
-    g = (g * scale).to(a_c.dtype)  # gradient w.r.t. the unscaled similarities
+    """From the logits' gradient g (c, C) of one chunk: accumulate dL/db, return dL/da_c (the
+    scale multiplies the (·, E) products rather than the (c, C) matrix)."""
+    g = g.to(a_c.dtype)
     if db is not None:
-        db += (g.T @ a_c).to(db.dtype)  # (C, E)
-    return g @ b if ctx.needs_input_grad[0] else None  # (c, E)
+        db += (g.T @ a_c).to(db.dtype) * scale  # (C, E)
+    return (g @ b) * scale.to(a_c.dtype) if ctx.needs_input_grad[0] else None  # (c, E)
 
 
 class InfoNCE(torch.autograd.Function):
@@ -77,7 +78,7 @@ class InfoNCE(torch.autograd.Function):
         row_lse = torch.empty(rows, dtype=acc, device=a.device)  # (R,)
         col_lse = None
         for start in range(0, rows, chunk):
-            logits = _raw(a[start:start + chunk], b) * s  # (c, C)
+            logits = _raw(a[start:start + chunk], b).mul_(s)  # (c, C)
             row_lse[start:start + chunk] = torch.logsumexp(logits, dim=1)
             if symmetric:
                 part = torch.logsumexp(logits, dim=0)  # (C,)
@@ -104,13 +105,13 @@ class InfoNCE(torch.autograd.Function):
         for start in range(0, rows, ctx.chunk):
             a_c = a[start:start + ctx.chunk]
             raw = _raw(a_c, b)  # (c, C)
-            logits = raw * s
-            g = torch.exp(logits - row_lse[start:start + ctx.chunk, None]) * w_row  # (c, C)
+            # softmax over the row (and over the column) times its weight, in place
+            g = raw.mul(s).sub_(row_lse[start:start + ctx.chunk, None]).exp_().mul_(w_row)
             if col_lse is not None:
-                g += torch.exp(logits - col_lse[None, :]) * w_col
+                g += raw.mul(s).sub_(col_lse[None, :]).exp_().mul_(w_col)
             g[_positive_index(a_c.shape[0], start, ctx.offset, a.device)] -= w_pos
             if ctx.needs_input_grad[2]:
-                dscale += (g * raw).sum()
+                dscale += torch.dot(g.view(-1), raw.view(-1))
             d = _feature_grads(ctx, g, a_c, b, s, db)
             if da is not None:
                 da[start:start + ctx.chunk] = d
@@ -135,7 +136,7 @@ class SigLip(torch.autograd.Function):
               else torch.zeros((), dtype=acc, device=a.device))
         total = torch.zeros((), dtype=acc, device=a.device)
         for start in range(0, rows, chunk):
-            logits = _raw(a[start:start + chunk], b) * s + c0  # (c, C)
+            logits = _raw(a[start:start + chunk], b).mul_(s).add_(c0)  # (c, C)
             total += -F.logsigmoid(-logits).sum()  # every pair as a negative
             lp = logits[_positive_index(logits.shape[0], start, offset, a.device)]  # (c,)
             total += (F.logsigmoid(-lp) - F.logsigmoid(lp)).sum()  # positives: z = +1
@@ -158,12 +159,13 @@ class SigLip(torch.autograd.Function):
         for start in range(0, rows, ctx.chunk):
             a_c = a[start:start + ctx.chunk]
             raw = _raw(a_c, b)  # (c, C)
-            logits = raw * s + c0
-            g = torch.sigmoid(logits) * w  # d softplus(l) / dl for the negatives
+            g = raw.mul(s).add_(c0)  # the logits, then in place their gradient
             pos = _positive_index(a_c.shape[0], start, ctx.offset, a.device)
-            g[pos] = -torch.sigmoid(-logits[pos]) * w  # d softplus(-l) / dl for the positives
+            lp = g[pos]  # (c,) a copy
+            g.sigmoid_().mul_(w)  # d softplus(l) / dl for the negatives
+            g[pos] = -torch.sigmoid(-lp) * w  # d softplus(-l) / dl for the positives
             if ctx.needs_input_grad[2]:
-                dscale += (g * raw).sum()
+                dscale += torch.dot(g.view(-1), raw.view(-1))
             dbias += g.sum()
             d = _feature_grads(ctx, g, a_c, b, s, db)
             if da is not None:
