@@ -7,7 +7,8 @@
 #   bash tests/gpu_session.sh attention   # mmpretrain bench attention, every shape and backend
 #   bash tests/gpu_session.sh tiles       # bench attention --sweep: tile sizes and backward plans
 #   bash tests/gpu_session.sh train       # bench train ViT-B/32, B/16, L/14 vs compiled OpenCLIP
-#   bash tests/gpu_session.sh levers      # ViT-B/16: per-step sync, compile, triton, CUDA graphs
+#   bash tests/gpu_session.sh levers      # ViT-B/16: per-step sync, compile, triton, CUDA graphs,
+#                                         # foreach AdamW, fused loss; bench loss plain vs fused
 #   bash tests/gpu_session.sh memory      # ViT-g/14 .. ViT-e/14, ZeRO-3 (+ offload), capped at 80 GB
 #   bash tests/gpu_session.sh shards      # ViT-B/16 from real JPEG shards (8 workers) vs synthetic
 #   bash tests/gpu_session.sh quick       # what matters most, in one call of <= 9 minutes
@@ -59,11 +60,15 @@ train() {
 
 levers() {
   : > "$OUT/levers.jsonl"
+  # the contrastive loss alone (what each rank computes without local_loss), plain vs fused
+  timeout -k 10 120 $py -m mmpretrain.cli bench loss --batches 4096,16384,32768,65536 \
+    --json "$OUT/loss.json" 2>> "$OUT/levers.log" | tee "$OUT/loss.txt"
   for variant in "--sync-each-step" "" "engine.compile=true" "model.attention=triton" \
                  "engine.compile=true model.attention=triton" \
-                 "engine.compile=true engine.compile_mode=reduce-overhead"; do
-    $py -m mmpretrain.cli bench train --model vit_b16 --batch 256 --zero 1 --steps 20 \
-      --warmup 8 --json $variant > "$OUT/lever.out" 2>> "$OUT/levers.log"
+                 "engine.compile=true engine.compile_mode=reduce-overhead" \
+                 "optim.impl=foreach" "loss.fused=true"; do
+    timeout -k 10 100 $py -m mmpretrain.cli bench train --model vit_b16 --batch 256 --zero 1 \
+      --steps 20 --warmup 8 --json $variant > "$OUT/lever.out" 2>> "$OUT/levers.log"
     echo "bench train vit_b16 [$variant] rc=$?"
     tail -n 1 "$OUT/lever.out" >> "$OUT/levers.jsonl"
     cat "$OUT/lever.out" >> "$OUT/levers.log" && rm "$OUT/lever.out"

@@ -11,11 +11,11 @@ import torch
 from helpers import REPO, clean_env
 from mmpretrain.config.load import load_config
 from mmpretrain.config.schema import LossConfig
-from mmpretrain.engine.memory import (GIB, MemoryPlan, _depths, _saved_bytes, cap_device_memory,
+from mmpretrain.engine.memory import (GIB, _depths, _saved_bytes, cap_device_memory,
                                       contrastive_loss_bytes, measure_activations,
                                       model_state_bytes, plan_memory)
-from mmpretrain.losses import build_loss
 from mmpretrain.kernels import get_default_impl
+from mmpretrain.losses import build_loss
 from mmpretrain.model import build_model
 from mmpretrain.model.task import build_task
 
@@ -121,11 +121,25 @@ def test_max_batch_and_offload_make_a_large_model_fit() -> None:
                             measured=acts)
     assert offloaded.device["weights"] == 2 * offloaded.params
     assert offloaded.host_total == 18 * offloaded.params
-    per_sample = offloaded.activation_bytes_per_sample
     fits = offloaded.max_batch(80 * GIB)
-    plan = MemoryPlan(offloaded.params, 0, {**offloaded.device, "activations": fits * per_sample},
-                      {}, per_sample)
-    assert plan.device_total <= 80 * GIB < plan.device_total + plan.activation_bytes_per_sample
+    for batch, fit in ((fits, True), (fits + 1, False)):  # the plan at that batch agrees
+        at = plan_memory(_cfg("vit_e14", *base, "engine.offload_optimizer=true",
+                              f"data.batch_size={batch}"), 1, "bf16", measured=acts)
+        assert (at.device_total <= 80 * GIB) is fit
+    # the plain CLIP loss's (N, N) logits make the limit quadratic in the batch: 8 ranks of
+    # batch b without local_loss keep 8·(8b)² bytes on each
+    many = plan_memory(_cfg("vit_e14", *base, "engine.offload_optimizer=true"), 8, "bf16",
+                       measured=acts)
+    assert many.loss_bytes_per_sample2 == 8 * 64
+    b = many.max_batch(80 * GIB)
+    assert b > 0
+    for batch, fit in ((b, True), (b + 1, False)):
+        at = plan_memory(_cfg("vit_e14", *base, "engine.offload_optimizer=true",
+                              f"data.batch_size={batch}"), 8, "bf16", measured=acts)
+        assert (at.device_total <= 80 * GIB) is fit
+    fused = plan_memory(_cfg("vit_e14", *base, "engine.offload_optimizer=true", "loss.fused=true"),
+                        8, "bf16", measured=acts)
+    assert fused.loss_bytes_per_sample2 == 0 and fused.max_batch(80 * GIB) > b
 
 
 @pytest.mark.parametrize("kind, local, fused", [("clip", False, False), ("clip", True, False),
@@ -231,3 +245,6 @@ def test_train_out_of_memory_says_what_would_fit(monkeypatch: pytest.MonkeyPatch
     assert "model.activation_checkpointing=true: " in err  # each option with its prediction
     assert "engine.offload_optimizer=true engine.zero_stage=1: " in err
     assert "engine.zero_stage=3" not in err  # one rank: nothing to partition
+    assert "loss.fused=true" not in err  # the logits of a small batch are too small to matter
+    rc = main(["train", "-c", "experiments/tiny_synthetic.yaml", "data.batch_size=16384"])
+    assert rc == 3 and "  loss.fused=true: " in capsys.readouterr().err

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import resource
 import sys
 from dataclasses import dataclass, field, replace
@@ -56,6 +57,10 @@ class MemoryPlan:
     host: dict[str, int] = field(default_factory=dict)
     activation_bytes_per_sample: int = 0
     batch: int = 1
+    activation_fixed: int = 0
+    """Activation bytes that do not grow with the batch."""
+    loss_bytes_per_sample2: int = 0
+    """The contrastive loss's bytes over the batch squared (its logits grow quadratically)."""
 
     @property
     def device_total(self) -> int:
@@ -68,11 +73,19 @@ class MemoryPlan:
         return sum(self.host.values())
 
     def max_batch(self, device_bytes: int) -> int:
-        """The largest per-rank batch whose predicted device peak fits `device_bytes` (0: none)."""
-        fixed = self.device_total - self.device.get("activations", 0)
-        if self.activation_bytes_per_sample <= 0 or fixed >= device_bytes:
+        """The largest per-rank batch whose predicted device peak fits `device_bytes` (0: none):
+        the largest b with loss·b² + per_sample·b + fixed <= device_bytes."""
+        grows = self.device.get("activations", 0) + self.device.get("loss", 0)
+        room = device_bytes - self.device_total + grows - self.activation_fixed
+        q, p = self.loss_bytes_per_sample2, self.activation_bytes_per_sample
+        if p <= 0 or room <= 0:
             return 0
-        return int((device_bytes - fixed) // self.activation_bytes_per_sample)
+        b = int(room // p) if q == 0 else int((math.sqrt(p * p + 4 * q * room) - p) / (2 * q))
+        while q * (b + 1) ** 2 + p * (b + 1) <= room:  # the float root may be one off
+            b += 1
+        while b > 0 and q * b * b + p * b > room:
+            b -= 1
+        return b
 
 
 def model_state_bytes(params: int, largest_layer: int, stage: int, world: int, precision: str,
@@ -217,8 +230,12 @@ def plan_memory(cfg: Any, world: int, precision: str, measured: dict[str, int] |
         per_sample = acts["base"] + sum(depths[t] * acts[t] for t in depths)
     batch = cfg.data.batch_size
     logits = contrastive_loss_bytes(cfg.loss, batch * cfg.engine.grad_accum, world)
-    device["activations"] = per_sample * batch + acts.get("fixed", 0) + logits
-    return MemoryPlan(params, largest, device, host, per_sample, batch)
+    device["activations"] = per_sample * batch + acts.get("fixed", 0)
+    if logits:
+        device["loss"] = logits  # the plain contrastive loss's logits, quadratic in the batch
+    per_sample2 = contrastive_loss_bytes(cfg.loss, cfg.engine.grad_accum, world)  # at batch 1
+    return MemoryPlan(params, largest, device, host, per_sample, batch, acts.get("fixed", 0),
+                      per_sample2)
 
 
 def contrastive_loss_bytes(loss: Any, rows: int, world: int) -> int:
@@ -283,8 +300,9 @@ def format_plan(plan: MemoryPlan, device_gib: float | None = None,
 
 def oom_advice(cfg: Any, world: int, precision: str, device_bytes: int | None) -> str:
     """What to change after running out of device memory: the plan of the run `cfg` and of the
-    settings that would shrink it (activation checkpointing, ZeRO-3, offload), as config
-    overrides with their predicted device peaks."""
+    settings that would shrink it (activation checkpointing, ZeRO-3, offload, the fused loss
+    where the logits are more than 2% of the peak), as config overrides with their predicted
+    device peaks."""
     acts = measure_activations(cfg, precision_dtype(precision))
     plan = plan_memory(cfg, world, precision, acts)
     eng, batch = cfg.engine, cfg.data.batch_size
@@ -304,6 +322,9 @@ def oom_advice(cfg: Any, world: int, precision: str, device_bytes: int | None) -
         steps.append(("engine.offload_optimizer=true"
                       + ("" if eng.zero_stage else " engine.zero_stage=1"),
                       {"engine": replace(eng, offload_optimizer=True, zero_stage=stage)}))
+    loss = contrastive_loss_bytes(cfg.loss, batch * eng.grad_accum, world)
+    if loss > 0.02 * plan.device_total:  # the plain loss's logits are a visible share
+        steps.append(("loss.fused=true", {"loss": replace(cfg.loss, fused=True)}))
     for override, change in steps:
         alt = plan_memory(replace(cfg, **change), world, precision, acts)
         lines.append(f"  {override}: {alt.device_total / GIB:.1f} GiB"
