@@ -100,10 +100,11 @@ def test_build_loss_and_single_process_gather():
 
 # ---- fused (chunked) losses ----------------------------------------------------------------
 
-def _loss_and_grads(loss_fn, img, txt, use_bias, scale_grad=True):
+def _loss_and_grads(loss_fn, img, txt, use_bias):
     img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
-    scale = torch.tensor([SCALE], dtype=img.dtype, requires_grad=scale_grad)
-    bias = torch.tensor([BIAS], dtype=img.dtype, requires_grad=True) if use_bias else None
+    scale = torch.tensor([SCALE], dtype=img.dtype, device=img.device, requires_grad=True)
+    bias = (torch.tensor([BIAS], dtype=img.dtype, device=img.device, requires_grad=True)
+            if use_bias else None)
     loss = loss_fn(img, txt, scale, bias)
     loss.backward()
     out = {"loss": loss.detach(), "img": img.grad, "txt": txt.grad, "scale": scale.grad}
@@ -191,6 +192,23 @@ def test_fused_loss_keeps_no_square_matrix():
         square = [s for s in shapes if s == (n, n)]
         assert bool(square) is not fused, shapes
     assert chunk_rows(4096) == 4096 and chunk_rows(32768) == 512 and chunk_rows(1 << 30) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_fused_loss_on_cuda(kind):
+    """On the GPU (fp32 features, 4 chunks): the fp64 loss and gradients to fp32 rounding,
+    as the plain loss on the GPU is."""
+    img, txt = _features(n=1200, e=128, seed=4)
+    plain, fused, use_bias = FUSED_CASES[kind]
+    want = _loss_and_grads(plain(), img, txt, use_bias)
+    cuda = [t.float().cuda() for t in (img, txt)]
+    for loss in (plain(), fused(300)):
+        got = _loss_and_grads(loss, *cuda, use_bias)
+        for key in want:
+            torch.testing.assert_close(got[key].double().cpu(), want[key], rtol=2e-5,
+                                       atol=1e-7, msg=key)
 
 
 def test_bench_loss_cli(tmp_path):
