@@ -47,13 +47,14 @@ def check_accum(out: str) -> dict:
     small = _trainer(out, "small", "data.batch_size=8", "engine.grad_accum=4",
                      "engine.zero_stage=0")
     fused = _trainer(out, "fused", "data.batch_size=8", "engine.grad_accum=4",
-                     "engine.zero_stage=0", "loss.fused=true")
+                     "engine.zero_stage=0", "loss.fused=true", "optim.impl=foreach")
     batch = synthetic_batch(0, 0, 0, 32, 32, 32, 1024)
     micro = [{k: v[i * 8:(i + 1) * 8] for k, v in batch.items()} for i in range(4)]
     g_big, g_small, g_fused = _grab_grads(big), _grab_grads(small), _grab_grads(fused)
     loss_big = big.train_step([batch])["loss"].item()
     loss_small = small.train_step(micro)["loss"].item()
     loss_fused = fused.train_step(micro)["loss"].item()
+    foreach = all(g["foreach"] for g in fused.engine.optimizer.param_groups)
 
     def rel(ref: torch.Tensor, got: torch.Tensor) -> float:
         return (ref - got).abs().max().item() / (ref.abs().max().item() + 1e-12)
@@ -64,7 +65,8 @@ def check_accum(out: str) -> dict:
             "n_grads_small": len(g_small), "max_rel_grad_diff": max(diffs.values()),
             "logit_scale_rel_diff": diffs["model.logit_scale"], "loss_fused": loss_fused,
             "n_grads_fused": len(g_fused), "max_rel_grad_diff_fused": max(fused_diffs.values()),
-            "logit_scale_rel_diff_fused": fused_diffs["model.logit_scale"]}
+            "logit_scale_rel_diff_fused": fused_diffs["model.logit_scale"],
+            "fused_run_optimizer_foreach": foreach}
 
 
 def check_zero3_init(out: str) -> dict:

@@ -49,18 +49,21 @@ CUDA = torch.cuda.is_available()
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_fast_path_matches_reference_path(tmp_path: Path) -> None:
     """bf16 ZeRO-1 on the GPU: compiled blocks (with SDPA, as CUDA graphs, and with the Triton
-    kernel) give the losses of the eager SDPA run within bf16 tolerance."""
+    kernel, also with the fused loss and foreach AdamW) give the losses of the eager SDPA run
+    within bf16 tolerance."""
     runs = {"eager_sdpa": ("false", "sdpa", "default"),
             "compiled_sdpa": ("true", "sdpa", "default"),
             "cudagraphs_sdpa": ("true", "sdpa", "reduce-overhead"),
-            "compiled_triton": ("true", "triton", "default")}
+            "compiled_triton": ("true", "triton", "default"),
+            "compiled_triton_fused_loss_foreach": ("true", "triton", "default", "loss.fused=true",
+                                                   "optim.impl=foreach")}
     traces = {}
-    for name, (compiled, impl, mode) in runs.items():
+    for name, (compiled, impl, mode, *extra) in runs.items():
         run_train([f"output_dir={tmp_path}", f"name={name}", "optim.steps=20",
                    "engine.zero_stage=1", "engine.device=cuda", "engine.precision=bf16",
                    "checkpoint.every=0", "logging.log_every=1", "logging.wandb_mode=disabled",
                    f"engine.compile={compiled}", f"engine.compile_mode={mode}",
-                   f"model.attention={impl}"], timeout=900)
+                   f"model.attention={impl}", *extra], timeout=900)
         traces[name] = losses(tmp_path / name)
     ref = traces.pop("eager_sdpa")
     for name, trace in traces.items():
