@@ -13,7 +13,7 @@ from mmpretrain.config.load import load_config
 from mmpretrain.config.schema import LossConfig
 from mmpretrain.engine.memory import (GIB, _depths, _saved_bytes, cap_device_memory,
                                       contrastive_loss_bytes, measure_activations,
-                                      model_state_bytes, plan_memory)
+                                      model_state_bytes, plan_memory, saved_storages)
 from mmpretrain.kernels import get_default_impl
 from mmpretrain.losses import build_loss
 from mmpretrain.model import build_model
@@ -154,15 +154,7 @@ def test_contrastive_loss_bytes_are_what_autograd_keeps(kind: str, local: bool,
     rows, width = 96, 16
     feats = [torch.randn(rows, width, requires_grad=True) for _ in range(2)]
     scale, bias = (torch.tensor(v, requires_grad=True) for v in (10.0, -5.0))
-    inputs = {t.untyped_storage().data_ptr() for t in (*feats, scale, bias)}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in inputs:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_storages((*feats, scale, bias)) as seen:
         build_loss(cfg)(*feats, scale, bias)
     predicted = contrastive_loss_bytes(cfg, rows, 1)
     slack = 2 * rows * width * 4 + 1024

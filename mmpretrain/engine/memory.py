@@ -32,7 +32,7 @@ import math
 import resource
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
@@ -117,19 +117,27 @@ def model_state_bytes(params: int, largest_layer: int, stage: int, world: int, p
     return device, host
 
 
-def _saved_bytes(task: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves in one forward of `task`, parameters
-    excluded."""
-    params = {p.untyped_storage().data_ptr() for p in task.parameters()}
+@contextlib.contextmanager
+def saved_storages(exclude: Iterable[torch.Tensor] = ()) -> Iterator[dict[int, int]]:
+    """Within the block, collect the distinct storages autograd saves for the backward pass
+    ({data pointer: bytes}), leaving out those of `exclude` (parameters, inputs)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
+        if storage.data_ptr() not in skip:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+def _saved_bytes(task: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves in one forward of `task`, parameters
+    excluded."""
+    with saved_storages(task.parameters()) as seen:
         out = task(images, tokens)
     del out
     return sum(seen.values())

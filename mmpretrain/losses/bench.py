@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from mmpretrain.engine.memory import saved_storages
 from mmpretrain.losses.contrastive import ClipLoss, SigLipLoss
 
 KINDS = ("clip", "siglip")
@@ -43,15 +44,7 @@ def _run(loss: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tenso
 
 def _saved_bytes(loss: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
     """Bytes of the distinct storages the forward saves for the backward, inputs excluded."""
-    skip = {t.untyped_storage().data_ptr() for t in inputs}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in skip:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_storages(inputs) as seen:
         out = loss(*inputs)
     del out
     return sum(seen.values())
