@@ -4,8 +4,8 @@ The plain losses (`contrastive.py`) build the whole logit matrix and let autogra
 each op needs: for CLIP over N = global-batch samples that is one (N, N) log-softmax per
 direction, 8·N² bytes in fp32 (measured with saved-tensor hooks) — 8 GiB on every rank at
 N = 32,768, held from the end of the forward until the backward — plus (N, N) gradients and
-temporaries in the backward; SigLIP keeps 12 bytes per logit of its (B, N) rows. Here each loss is an `autograd.Function` that walks
-`chunk` rows of the matrix at a time:
+temporaries in the backward; SigLIP keeps 12 bytes per logit of its (B, N) rows. Here each
+loss is an `autograd.Function` that walks `chunk` rows of the matrix at a time:
 
 * forward: each row chunk's logits (c, C) give the rows' log-sum-exp and, merged across chunks
   with `logaddexp`, the columns' log-sum-exp; the positives come from a row-wise dot product.
