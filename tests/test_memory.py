@@ -12,8 +12,9 @@ from helpers import REPO, clean_env
 from mmpretrain.config.load import load_config
 from mmpretrain.config.schema import LossConfig
 from mmpretrain.engine.memory import (GIB, _depths, _saved_bytes, cap_device_memory,
-                                      contrastive_loss_bytes, measure_activations,
-                                      model_state_bytes, plan_memory, saved_storages)
+                                      contrastive_loss_bytes, loss_memory_warning,
+                                      measure_activations, model_state_bytes, plan_memory,
+                                      saved_storages)
 from mmpretrain.kernels import get_default_impl
 from mmpretrain.losses import build_loss
 from mmpretrain.model import build_model
@@ -164,6 +165,21 @@ def test_contrastive_loss_bytes_are_what_autograd_keeps(kind: str, local: bool,
     n = rows * 4
     assert contrastive_loss_bytes(cfg, rows, 4) == (
         0 if fused else 12 * rows * n if kind == "siglip" else 8 * (rows if local else n) * n)
+
+
+def test_loss_memory_warning_names_the_fix() -> None:
+    """Over 1 GiB kept by the plain loss per rank: a warning naming loss.fused (and
+    loss.local_loss for CLIP over the whole matrix); nothing for small or fused runs."""
+    cfg = _cfg("tiny", "data.batch_size=512")
+    assert loss_memory_warning(cfg, 8) is None  # N = 4,096: 128 MiB
+    text = loss_memory_warning(cfg, 32)  # N = 16,384: 2 GiB on every rank
+    assert text is not None and "keeps 2.0 GiB per rank" in text
+    assert "(16384, 16384) logits of the global batch, on every rank" in text
+    assert "loss.fused=true" in text and "loss.local_loss=true" in text
+    siglip = loss_memory_warning(_cfg("tiny", "data.batch_size=4096", "loss.kind=siglip"), 16)
+    assert siglip is not None and "(4096, 65536) logits of this rank's rows" in siglip
+    assert "local_loss" not in siglip
+    assert loss_memory_warning(_cfg("tiny", "data.batch_size=512", "loss.fused=true"), 32) is None
 
 
 def test_cap_device_memory_needs_cuda() -> None:

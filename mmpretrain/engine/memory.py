@@ -261,6 +261,22 @@ def contrastive_loss_bytes(loss: Any, rows: int, world: int) -> int:
     return 8 * (rows if loss.local_loss else n) * n
 
 
+def loss_memory_warning(cfg: Any, world: int, limit: int = GIB) -> str | None:
+    """A warning when the plain contrastive loss of the run `cfg` on `world` ranks keeps over
+    `limit` bytes per rank for its backward (None otherwise), naming the settings that avoid
+    it."""
+    rows = cfg.data.batch_size * cfg.engine.grad_accum
+    kept = contrastive_loss_bytes(cfg.loss, rows, world)
+    if kept <= limit:
+        return None
+    whole = cfg.loss.kind == "clip" and not cfg.loss.local_loss
+    shape = (f"({rows * world}, {rows * world}) logits of the global batch, on every rank"
+             if whole else f"({rows}, {rows * world}) logits of this rank's rows")
+    return (f"the contrastive loss keeps {kept / GIB:.1f} GiB per rank for its backward (the "
+            f"{shape}); loss.fused=true computes the same loss without keeping them"
+            + ("; loss.local_loss=true computes only each rank's rows" if whole else ""))
+
+
 def cap_device_memory(gib: float, device: torch.device) -> float:
     """Let this process's CUDA allocator use only as much as a `gib`-GiB device would leave it.
 

@@ -18,6 +18,7 @@ from mmpretrain.config.schema import ExperimentConfig
 from mmpretrain.engine.dist import detect_env, init_distributed
 from mmpretrain.engine.ds_config import build_ds_config, resolve_precision
 from mmpretrain.engine.errors import NonFiniteTrainingError
+from mmpretrain.engine.memory import loss_memory_warning
 from mmpretrain.engine.optim import build_optimizer, build_scheduler
 from mmpretrain.engine.stepflags import LaggedFlags, StepFlags
 from mmpretrain.logging.flops import flops_metrics, peak_tflops, train_flops_per_sample
@@ -99,6 +100,9 @@ class Trainer:
         self.stream = build_train_stream(cfg, self.tokenizer, self.rank, self.world)
         self.jsonl = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
         self.global_batch = cfg.data.batch_size * cfg.engine.grad_accum * self.world
+        loss_warning = loss_memory_warning(cfg, self.world)
+        if loss_warning and self.rank == 0:
+            log.warning(loss_warning)
         self.train_flops = train_flops_per_sample(cfg.model)  # model FLOPs of one sample
         self.peak_tflops = peak_tflops(self.device)  # None: unknown, no `mfu` logged
         self._flags = LaggedFlags(self.device, self.world)
