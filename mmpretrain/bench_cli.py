@@ -298,12 +298,13 @@ def cmd_bench_loss(args: argparse.Namespace) -> int:
                              [int(n) for n in args.batches.split(",")], args.width, device,
                              args.warmup, args.iters,
                              progress=lambda r: print(format_table([r]).splitlines()[-1],
-                                                      file=sys.stderr, flush=True))
+                                                      file=sys.stderr, flush=True),
+                             tf32=args.tf32)
     except ValueError as e:
         print(f"mmpretrain bench loss: error: {e}", file=sys.stderr)
         return 2
     print(f"mmpretrain bench loss: {device}, torch {torch.__version__}, embedding width "
-          f"{args.width}, fp32 features")
+          f"{args.width}, fp32 features" + (", TF32 matmuls" if args.tf32 else ""))
     print(format_table(records))
     if args.json:
         with open(args.json, "w") as f:
@@ -322,5 +323,7 @@ def _add_bench_loss_parser(bsub: argparse._SubParsersAction) -> None:
     b.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--iters", type=int, default=10)
+    b.add_argument("--tf32", action="store_true",
+                   help="let CUDA's fp32 matmuls use TF32 tensor cores (engine.tf32)")
     b.add_argument("--json", default="", metavar="FILE", help="also write the records here")
     b.set_defaults(func=cmd_bench_loss)

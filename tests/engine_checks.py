@@ -47,7 +47,9 @@ def check_accum(out: str) -> dict:
     small = _trainer(out, "small", "data.batch_size=8", "engine.grad_accum=4",
                      "engine.zero_stage=0")
     fused = _trainer(out, "fused", "data.batch_size=8", "engine.grad_accum=4",
-                     "engine.zero_stage=0", "loss.fused=true", "optim.impl=foreach")
+                     "engine.zero_stage=0", "loss.fused=true", "optim.impl=foreach",
+                     "engine.tf32=true")
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # set by the last build
     batch = synthetic_batch(0, 0, 0, 32, 32, 32, 1024)
     micro = [{k: v[i * 8:(i + 1) * 8] for k, v in batch.items()} for i in range(4)]
     g_big, g_small, g_fused = _grab_grads(big), _grab_grads(small), _grab_grads(fused)
@@ -66,7 +68,7 @@ def check_accum(out: str) -> dict:
             "logit_scale_rel_diff": diffs["model.logit_scale"], "loss_fused": loss_fused,
             "n_grads_fused": len(g_fused), "max_rel_grad_diff_fused": max(fused_diffs.values()),
             "logit_scale_rel_diff_fused": fused_diffs["model.logit_scale"],
-            "fused_run_optimizer_foreach": foreach}
+            "fused_run_optimizer_foreach": foreach, "fused_run_tf32": tf32}
 
 
 def check_zero3_init(out: str) -> dict:

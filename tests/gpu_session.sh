@@ -8,7 +8,7 @@
 #   bash tests/gpu_session.sh tiles       # bench attention --sweep: tile sizes and backward plans
 #   bash tests/gpu_session.sh train       # bench train ViT-B/32, B/16, L/14 vs compiled OpenCLIP
 #   bash tests/gpu_session.sh levers      # ViT-B/16: per-step sync, compile, triton, CUDA graphs,
-#                                         # foreach AdamW, fused loss; bench loss plain vs fused
+#                                         # foreach AdamW, fused loss; bench loss (fp32, TF32)
 #   bash tests/gpu_session.sh memory      # ViT-g/14 .. ViT-e/14, ZeRO-3 (+ offload), capped at 80 GB
 #   bash tests/gpu_session.sh shards      # ViT-B/16 from real JPEG shards (8 workers) vs synthetic
 #   bash tests/gpu_session.sh quick       # what matters most, in one call of <= 9 minutes
@@ -60,9 +60,13 @@ train() {
 
 levers() {
   : > "$OUT/levers.jsonl"
-  # the contrastive loss alone (what each rank computes without local_loss), plain vs fused
-  timeout -k 10 120 $py -m mmpretrain.cli bench loss --batches 4096,16384,32768,65536 \
-    --json "$OUT/loss.json" 2>> "$OUT/levers.log" | tee "$OUT/loss.txt"
+  # the contrastive loss alone (what each rank computes without local_loss), plain vs fused,
+  # with fp32 and with TF32 matmuls (engine.tf32)
+  : > "$OUT/loss.txt"
+  for tf32 in "" "--tf32"; do
+    timeout -k 10 120 $py -m mmpretrain.cli bench loss --batches 4096,16384,32768,65536 \
+      $tf32 --json "$OUT/loss$tf32.json" 2>> "$OUT/levers.log" | tee -a "$OUT/loss.txt"
+  done
   for variant in "--sync-each-step" "" "engine.compile=true" "model.attention=triton" \
                  "engine.compile=true model.attention=triton" \
                  "engine.compile=true engine.compile_mode=reduce-overhead" \

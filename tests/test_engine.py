@@ -37,6 +37,7 @@ def test_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     assert r["max_rel_grad_diff_fused"] < 1e-5, r
     assert r["logit_scale_rel_diff_fused"] < 1e-6, r
     assert r["fused_run_optimizer_foreach"], r  # optim.impl reaches DeepSpeed's optimizer
+    assert r["fused_run_tf32"], r  # engine.tf32 reaches torch's CUDA matmul flag
 
 
 def test_zero3_builds_partitioned_model_with_the_same_init(tmp_path: Path) -> None:

@@ -217,11 +217,14 @@ def test_bench_loss_cli(tmp_path):
     out = tmp_path / "loss.json"
     proc = subprocess.run([sys.executable, "-m", "mmpretrain.cli", "bench", "loss", "--batches",
                            "96,160", "--width", "32", "--warmup", "0", "--iters", "1",
-                           "--device", "cpu", "--json", str(out)], cwd=REPO, env=clean_env(),
+                           "--device", "cpu", "--tf32", "--json", str(out)], cwd=REPO,
+                          env=clean_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "ms fwd+bwd" in proc.stdout and "saved MiB" in proc.stdout
+    assert "TF32 matmuls" in proc.stdout
     records = json.loads(out.read_text())
+    assert all(r["tf32"] for r in records)
     cells = {(r["kind"], r["batch"], r["impl"]): r for r in records}
     assert len(cells) == 8
     for kind in ("clip", "siglip"):
@@ -234,6 +237,16 @@ def test_bench_loss_cli(tmp_path):
                           "triplet"], cwd=REPO, env=clean_env(), capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and "unknown kind ['triplet']" in bad.stderr
+
+
+def test_bench_loss_restores_the_tf32_flag():
+    from mmpretrain.losses.bench import bench_loss
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    records = bench_loss(["clip"], ["fused"], [8], 4, torch.device("cpu"), 0, 1,
+                         tf32=not before)
+    assert records[0]["tf32"] is (not before) and records[0]["ms"] > 0
+    assert torch.backends.cuda.matmul.allow_tf32 is before
 
 
 # ---- two ranks over gloo -------------------------------------------------------------------

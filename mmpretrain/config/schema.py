@@ -251,6 +251,10 @@ class EngineConfig:
     module runs (ZeRO stage 3 with `offload_optimizer`): the device then holds little more than
     one layer's weights and the activations, at the cost of a host-to-device copy of every
     weight in the forward and the backward pass."""
+    tf32: bool = False
+    """Let CUDA run fp32 matrix multiplications on TF32 tensor cores (10-bit mantissa inputs,
+    fp32 accumulation; `torch.backends.cuda.matmul.allow_tf32`). In bf16 runs that is the
+    contrastive loss's fp32 logits, the only fp32 matmuls; in fp32 runs every matmul."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: `auto` is nccl on CUDA and gloo on CPU."""
     compile: bool = False

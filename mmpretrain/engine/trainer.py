@@ -81,6 +81,7 @@ class Trainer:
 
         cfg = self.cfg
         kernels.set_default_impl(cfg.model.attention)
+        torch.backends.cuda.matmul.allow_tf32 = cfg.engine.tf32  # process-wide, set either way
         self.tokenizer = self._prepare_tokenizer(prepare_tokenizer)
         ds_cfg = build_ds_config(cfg, self.world, self.precision, self.device)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,

@@ -100,19 +100,27 @@ def bench_one(kind: str, impl: str, n: int, width: int, device: torch.device,
 
 def bench_loss(kinds: list[str], impls: list[str], batches: list[int], width: int,
                device: torch.device, warmup: int = 3, iters: int = 10,
-               progress: Callable[[dict], None] | None = None) -> list[dict]:
-    """Every (kind, global batch, implementation) cell, in that order."""
+               progress: Callable[[dict], None] | None = None, tf32: bool = False
+               ) -> list[dict]:
+    """Every (kind, global batch, implementation) cell, in that order; `tf32` lets CUDA's
+    fp32 matmuls use TF32 (`engine.tf32`) while it runs."""
     for name, given, known in (("kind", kinds, KINDS), ("impl", impls, IMPLS)):
         bad = [x for x in given if x not in known]
         if bad:
             raise ValueError(f"unknown {name} {bad}; choose from {', '.join(known)}")
     records = []
-    for kind in kinds:
-        for n in batches:
-            for impl in impls:
-                records.append(bench_one(kind, impl, n, width, device, warmup, iters))
-                if progress:
-                    progress(records[-1])
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        for kind in kinds:
+            for n in batches:
+                for impl in impls:
+                    records.append({**bench_one(kind, impl, n, width, device, warmup, iters),
+                                    "tf32": tf32})
+                    if progress:
+                        progress(records[-1])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
     return records
 
 
