@@ -346,8 +346,7 @@ def oom_advice(cfg: Any, world: int, precision: str, device_bytes: int | None) -
         steps.append(("engine.offload_optimizer=true"
                       + ("" if eng.zero_stage else " engine.zero_stage=1"),
                       {"engine": replace(eng, offload_optimizer=True, zero_stage=stage)}))
-    loss = contrastive_loss_bytes(cfg.loss, batch * eng.grad_accum, world)
-    if loss > 0.02 * plan.device_total:  # the plain loss's logits are a visible share
+    if plan.device.get("loss", 0) > 0.02 * plan.device_total:  # the logits are a visible share
         steps.append(("loss.fused=true", {"loss": replace(cfg.loss, fused=True)}))
     for override, change in steps:
         alt = plan_memory(replace(cfg, **change), world, precision, acts)

@@ -166,7 +166,8 @@ class SigLip(torch.autograd.Function):
             g[pos] = -torch.sigmoid(-lp) * w  # d softplus(-l) / dl for the positives
             if ctx.needs_input_grad[2]:
                 dscale += torch.dot(g.view(-1), raw.view(-1))
-            dbias += g.sum()
+            if bias is not None and ctx.needs_input_grad[3]:
+                dbias += g.sum()
             d = _feature_grads(ctx, g, a_c, b, s, db)
             if da is not None:
                 da[start:start + ctx.chunk] = d
