@@ -36,6 +36,19 @@ def test_interpreter_parity(dtype: str) -> None:
     assert max(report["max_err"].values()) <= report["tolerance"]
 
 
+def test_interpreter_compiled_blocks_have_no_graph_break() -> None:
+    """Inside torch.compile the kernel is a custom op (kernels/ops.py): opcheck passes, and the
+    image, causal padded text and decoder blocks compile with fullgraph=True and match eager."""
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "triton_compile_checks.py")],
+                          cwd=REPO, env=clean_env(TRITON_INTERPRET="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["opchecks"] == 12 and not report["failed"]
+    assert sorted(report["blocks"]) == ["decoder_cross", "image", "text_causal_padded"]
+    assert report["worst"] <= report["tolerance"]
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter is on")
 def test_cpu_without_interpreter_is_a_clear_error() -> None:
     q = torch.randn(1, 2, 4, 32)

@@ -5,8 +5,9 @@ kind (every block of a tower shares the same code and shapes), lets activation c
 wrap compiled blocks, and leaves the rest (embeddings, pooling, losses, DeepSpeed) eager.
 `nn.Module.compile` compiles in place, so parameter names, checkpoints and exports are unchanged.
 Inductor fuses what sits between the matrix multiplications: LayerNorm (fp32 statistics), bias
-adds, GELU and residual adds. The fused Triton attention kernel stays outside the graphs (a
-graph break on either side, see `kernels.attention_packed`); SDPA is traced as one op.
+adds, GELU and residual adds. Attention is one node of a block's graph: SDPA as PyTorch's op,
+the fused Triton kernel as our custom ops (`kernels/ops.py`, forward and backward), so each
+block compiles to one graph with no break (`tests/triton_compile_checks.py`).
 
 Shapes are static in training (fixed batch and context length), so blocks compile with
 `dynamic=False`. Evaluation batches of other sizes compile their own graphs; incremental

@@ -58,7 +58,6 @@ def _attention_sdpa(
     return out.masked_fill(~row_any, 0.0)  # (B, H, Sq, D)
 
 
-@torch.compiler.disable  # runs outside compiled graphs (engine.compile): opaque launches
 def _attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -68,7 +67,8 @@ def _attention_triton(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """The fused Triton kernel (imported on first use); (B,H,Sq,D) -> (B,H,Sq,D)."""
+    """The fused Triton kernel (imported on first use); (B,H,Sq,D) -> (B,H,Sq,D). Inside
+    `torch.compile` it is one custom op (`kernels/ops.py`): no graph break."""
     from mmpretrain.kernels.attention_triton import attention_triton
 
     return attention_triton(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
@@ -156,7 +156,6 @@ def attention(
     return _IMPLS[name](q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
 
 
-@torch.compiler.disable  # see _attention_triton
 def _attention_packed_triton(qkv: torch.Tensor, *, causal: bool,
                              key_padding_mask: torch.Tensor | None,
                              scale: float | None) -> torch.Tensor:

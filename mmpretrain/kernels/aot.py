@@ -28,8 +28,9 @@ from typing import Any, Iterator
 import torch
 
 from mmpretrain.kernels import attention_triton
-from mmpretrain.kernels.attention_triton import (Blocks, _backward, _empty_bhsd, _forward,
-                                                 interpreter_enabled, tile_override)
+from mmpretrain.kernels.attention_triton import (Blocks, _backward, _forward, _grads_bhsd,
+                                                 _packed_grad, _unpack, interpreter_enabled,
+                                                 tile_override)
 
 KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq", "bwd_fused")
 # the kernels a sweep candidate (keyed by its first tile_override key) compiles
@@ -141,17 +142,15 @@ def _capture_inputs(batch: int, heads: int, sq: int, sk: int, dim: int, dtype: t
     """Uninitialised q (B, H, Sq, D), k, v (B, H, Sk, D) and dq, dk, dv in a layout."""
     if packed:
         qkv = torch.empty(batch, sq, 3, heads, dim, dtype=dtype)  # (B, S, 3, H, D)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, D) views
-        return q, k, v, torch.empty_like(qkv).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _unpack(qkv)  # 3 x (B, H, S, D) views
+        return q, k, v, _packed_grad(qkv)[1]
     if contiguous:
         q, k, v = (torch.empty(batch, heads, s, dim, dtype=dtype) for s in (sq, sk, sk))
     else:
         q = torch.empty(batch, sq, heads, dim, dtype=dtype).transpose(1, 2)  # (B, H, Sq, D)
         k, v = (torch.empty(batch, sk, heads, dim, dtype=dtype).transpose(1, 2)
                 for _ in range(2))  # (B, H, Sk, D)
-    grads = (_empty_bhsd(batch, heads, sq, dim, q), _empty_bhsd(batch, heads, sk, dim, k),
-             _empty_bhsd(batch, heads, sk, dim, v))  # as _TritonAttention.backward makes them
-    return q, k, v, grads
+    return q, k, v, _grads_bhsd(q, k, v)  # as the backward makes them
 
 
 def _specialise(launch: Launch, backend: Any) -> tuple[dict, dict, dict, dict]:

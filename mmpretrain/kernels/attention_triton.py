@@ -13,6 +13,8 @@ True = attend, fully masked rows -> 0 output and 0 grads, scale defaults to D **
   output of a fused QKV projection and never copies q, k or v; its backward writes dq/dk/dv
   straight into one (B, S, 3, H, D) gradient. Outputs are allocated (B, S, H, D)-contiguous
   and returned as (B, H, S, D) views, so the caller's transpose + reshape is free.
+* Eager calls go through `autograd.Function`s; inside `torch.compile` through the custom ops
+  of `kernels/ops.py` (one graph node for the forward, one for the backward; same launches).
 * On CPU the kernels run only under Triton's interpreter (`TRITON_INTERPRET=1` set before
   triton is imported); there bf16 `tl.dot` is wrong (Triton 3.9), fp16/fp32 are correct.
 * Tiles: `tile_override` / `set_tile_override` (the sweep in `kernels/bench.py`), else the
@@ -381,6 +383,23 @@ def _launch_bwd_fused(ins: tuple, grads: tuple, kpm: torch.Tensor | None, causal
         CAUSAL=causal, HAS_KPM=kpm is not None, num_warps=cfg.warps, num_stages=cfg.stages)
 
 
+def _grads_bhsd(q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fresh dq, dk, dv for separate q/k/v: (B, H, S, D) views of (B, S, H, D) buffers."""
+    return _empty_bhsd(*q.shape, q), _empty_bhsd(*k.shape, k), _empty_bhsd(*v.shape, v)
+
+
+def _unpack(qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v (B, H, S, D) as strided views of qkv (B, S, 3, H, D): no copy."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _packed_grad(qkv: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """A fresh contiguous dqkv (B, S, 3, H, D) and its dq/dk/dv (B, H, S, D) views."""
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    return dqkv, _unpack(dqkv)
+
+
 class _TritonAttention(torch.autograd.Function):
     """Fused attention on separate (possibly strided) q (B,H,Sq,D), k/v (B,H,Sk,D)."""
 
@@ -395,7 +414,7 @@ class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):  # type: ignore[override]
         q, k, v, o, lse, kpm = ctx.saved_tensors
-        grads = (_empty_bhsd(*q.shape, q), _empty_bhsd(*k.shape, k), _empty_bhsd(*v.shape, v))
+        grads = _grads_bhsd(q, k, v)
         _backward((q, k, v, o, lse), do, grads, kpm, ctx.causal, ctx.scale)
         return (*grads, None, None, None)
 
@@ -405,7 +424,7 @@ class _TritonPackedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, key_padding_mask, causal, scale):  # type: ignore[override]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, D) views, no copy
+        q, k, v = _unpack(qkv)  # 3 x (B, H, S, D) views, no copy
         kpm = _mask_arg(key_padding_mask, q, k.shape[2])
         o, lse = _forward(q, k, v, kpm, causal, scale)
         ctx.save_for_backward(qkv, o, lse, kpm)
@@ -415,10 +434,8 @@ class _TritonPackedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):  # type: ignore[override]
         qkv, o, lse, kpm = ctx.saved_tensors
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, D)
-        dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)  # (B, S, 3, H, D)
-        grads = dqkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, D) views of dqkv
-        _backward((q, k, v, o, lse), do, grads, kpm, ctx.causal, ctx.scale)
+        dqkv, grads = _packed_grad(qkv)  # (B, S, 3, H, D) and 3 views of it
+        _backward((*_unpack(qkv), o, lse), do, grads, kpm, ctx.causal, ctx.scale)
         return dqkv, None, None, None
 
 
@@ -431,9 +448,17 @@ def attention_triton(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Fused attention. q: (B, H, Sq, D), k/v: (B, H, Sk, D) -> (B, H, Sq, D) in q's dtype."""
+    """Fused attention. q: (B, H, Sq, D), k/v: (B, H, Sk, D) -> (B, H, Sq, D) in q's dtype.
+
+    Eager: an `autograd.Function`. Inside `torch.compile`: the custom ops of `kernels/ops.py`,
+    one node each for the forward and the backward, so the graph does not break around it.
+    """
     _check_inputs(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if torch.compiler.is_compiling():
+        from mmpretrain.kernels import ops
+
+        return ops.attention_fwd(q, k, v, key_padding_mask, bool(causal), scale)[0]
     return _TritonAttention.apply(q, k, v, key_padding_mask, bool(causal), scale)
 
 
@@ -444,11 +469,18 @@ def attention_packed_triton(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Fused self-attention on qkv (B, S, 3, H, D) -> (B, S, H, D) (contiguous), no copies."""
+    """Fused self-attention on qkv (B, S, 3, H, D) -> (B, S, H, D) (contiguous), no copies.
+
+    Eager or compiled as `attention_triton`."""
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must have shape (B, S, 3, H, D), got {tuple(qkv.shape)}")
     q = qkv[:, :, 0].transpose(1, 2)  # (B, H, S, D) view, for the checks
     _check_inputs(q, q, q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out = _TritonPackedAttention.apply(qkv, key_padding_mask, bool(causal), scale)
+    if torch.compiler.is_compiling():
+        from mmpretrain.kernels import ops
+
+        out = ops.attention_packed_fwd(qkv, key_padding_mask, bool(causal), scale)[0]
+    else:
+        out = _TritonPackedAttention.apply(qkv, key_padding_mask, bool(causal), scale)
     return out.transpose(1, 2)  # (B, S, H, D)
