@@ -37,6 +37,28 @@ def test_compiled_blocks_train_and_evaluate_like_eager(tmp_path: Path) -> None:
         assert evals[1][key] == pytest.approx(evals[0][key], abs=1 / 8), key
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "reference"])
+def test_blocks_compile_to_one_graph(impl: str) -> None:
+    """Every block kind traces with fullgraph=True (a graph break raises), padding mask and
+    cross-attention included; the Triton kernel's case is `tests/triton_compile_checks.py`."""
+    from mmpretrain.model.fusion import DecoderBlock
+    from mmpretrain.model.layers import Block
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 32, requires_grad=True)  # (B, S, D)
+    keep = torch.tensor([[True] * 9, [True] * 5 + [False] * 4])  # (B, S)
+    decoder = DecoderBlock(32, 32, 2, 4.0, attention_impl=impl)
+    cases = [(Block(32, 2, attention_impl=impl), (x,)),
+             (Block(32, 2, causal=True, attention_impl=impl), (x, keep)),
+             (decoder, (x, decoder.memory_kv(torch.randn(2, 5, 32))))]
+    for block, args in cases:
+        eager = block(*args)
+        compiled = torch.compile(block, fullgraph=True, dynamic=False, backend="aot_eager")
+        out = compiled(*args)
+        torch.testing.assert_close(out, eager)
+        out.sum().backward()
+
+
 def test_compile_with_zero3_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="engine.compile needs engine.zero_stage <= 2"):
         load_config(None, ["engine.compile=true", "engine.zero_stage=3"])
