@@ -70,6 +70,7 @@ levers() {
   for variant in "--sync-each-step" "" "engine.compile=true" "model.attention=triton" \
                  "engine.compile=true model.attention=triton" \
                  "engine.compile=true engine.compile_mode=reduce-overhead" \
+                 "engine.compile=true engine.compile_mode=reduce-overhead model.attention=triton" \
                  "optim.impl=foreach" "loss.fused=true"; do
     timeout -k 10 100 $py -m mmpretrain.cli bench train --model vit_b16 --batch 256 --zero 1 \
       --steps 20 --warmup 8 --json $variant > "$OUT/lever.out" 2>> "$OUT/levers.log"

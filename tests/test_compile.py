@@ -70,13 +70,14 @@ CUDA = torch.cuda.is_available()
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_fast_path_matches_reference_path(tmp_path: Path) -> None:
-    """bf16 ZeRO-1 on the GPU: compiled blocks (with SDPA, as CUDA graphs, and with the Triton
-    kernel, also with the fused loss, foreach AdamW and TF32 logits) give the losses of the eager
-    SDPA run within bf16 tolerance."""
+    """bf16 ZeRO-1 on the GPU: compiled blocks (with SDPA, and with the Triton kernel, each also
+    as CUDA graphs; the Triton kernel also with the fused loss, foreach AdamW and TF32 logits)
+    give the losses of the eager SDPA run within bf16 tolerance."""
     runs = {"eager_sdpa": ("false", "sdpa", "default"),
             "compiled_sdpa": ("true", "sdpa", "default"),
             "cudagraphs_sdpa": ("true", "sdpa", "reduce-overhead"),
             "compiled_triton": ("true", "triton", "default"),
+            "cudagraphs_triton": ("true", "triton", "reduce-overhead"),  # custom ops captured
             "compiled_triton_fused_loss_foreach_tf32": ("true", "triton", "default",
                                                         "loss.fused=true", "optim.impl=foreach",
                                                         "engine.tf32=true")}
