@@ -172,7 +172,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
     opts = BenchOptions(args.model, args.batch, args.data, args.zero, args.steps, args.warmup,
                         args.workers, args.precision, args.overrides, args.sync_each_step,
-                        args.gpu_memory)
+                        args.gpu_memory, args.profile)
     try:
         report = bench_report(opts, args.compare or "", progress=lambda ours: print(
             f"mmpretrain: {ours['samples_per_s']:.1f} samples/s, mfu {ours['mfu']}, peak "
@@ -207,6 +207,9 @@ def _add_bench_train_parser(bsub: argparse._SubParsersAction) -> None:
     b.add_argument("--gpu-memory", type=float, default=0.0, metavar="GIB",
                    help="let the CUDA allocator use only what a device of GIB GiB would leave "
                    "it (79.1 for an H100 80GB); running out is reported, exit status 3")
+    b.add_argument("--profile", default="", metavar="DIR",
+                   help="profile 3 more steps (each side): print where the time goes and "
+                   "write Chrome traces to DIR")
     b.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="more config overrides, e.g. model.activation_checkpointing=true")
     b.set_defaults(func=cmd_bench_train)

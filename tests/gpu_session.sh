@@ -14,6 +14,7 @@
 #   bash tests/gpu_session.sh quick       # what matters most, in one call of <= 9 minutes
 #                                         # (a 15-minute device budget): see quick() below
 #   bash tests/gpu_session.sh rest        # the GPU tests quick leaves out, on a warm machine
+#   bash tests/gpu_session.sh profile     # where ViT-B/16's step time goes, ours vs OpenCLIP
 #   bash tests/gpu_session.sh all         # check, attention, train (may not fit one call)
 # Results land in $OUT (logs and JSON; at most 8 files come back).
 set -uo pipefail
@@ -112,17 +113,19 @@ memory() {
   free -g >> "$OUT/memory.log"
 }
 
+# step SECONDS NAME COMMAND...: run COMMAND with a time limit, its output appended to $log
+step() {
+  local limit=$1 name=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s)" >> "$log"
+  timeout -k 10 "$limit" "$@" >> "$log" 2>&1
+  echo "== $name rc=$? in $((SECONDS - t0))s" | tee -a "$log"
+}
+
 # One call for a short device budget: every step has its own time limit and appends to
 # $OUT/quick.txt as it finishes, so a step that hangs or fails costs only its own slot.
 quick() {
-  local log="$OUT/quick.txt"
-  step() {  # step SECONDS NAME COMMAND...
-    local limit=$1 name=$2; shift 2
-    local t0=$SECONDS
-    echo "== $name (limit ${limit}s)" >> "$log"
-    timeout -k 10 "$limit" "$@" >> "$log" 2>&1
-    echo "== $name rc=$? in $((SECONDS - t0))s" | tee -a "$log"
-  }
+  log="$OUT/quick.txt"
   : > "$log"
   step 70 "kernel parity (bf16, fp16; split and fused backward)" $py -m pytest -q -m gpu \
     -p no:cacheprovider -k "not training" tests/test_attention_triton.py  # on/off run: `check`
@@ -144,6 +147,24 @@ quick() {
     bench train --model vit_b16 --batch 256 --zero 1 --steps 15 --warmup 6 \
     engine.compile=true model.attention=triton "${tiles_opt[@]}"
   grep -E "^==|^precompile|compiled while|samples/s|ratio|ms |^(vit|text)" "$log" | tail -80
+}
+
+# Where ViT-B/16's step time goes, ours (compiled and eager) next to compiled OpenCLIP
+# (`bench train --profile`: busy time by kernel family, top ops, Chrome traces in $OUT/prof*),
+# and the ZeRO stage and gradient clipping as suspects.
+profile() {
+  log="$OUT/profile.txt"
+  : > "$log"
+  local b16=(bench train --model vit_b16 --batch 256 --steps 10 --warmup 5)
+  step 140 "vit_b16 compiled, profiled, vs compiled OpenCLIP" $py -m mmpretrain.cli \
+    "${b16[@]}" --zero 1 --compare open_clip --profile "$OUT/prof" engine.compile=true
+  step 60 "vit_b16 eager, profiled" $py -m mmpretrain.cli "${b16[@]}" --zero 1 \
+    --profile "$OUT/prof_eager"
+  step 60 "vit_b16 compiled, ZeRO 0" $py -m mmpretrain.cli "${b16[@]}" --zero 0 \
+    engine.compile=true
+  step 60 "vit_b16 compiled, no gradient clipping" $py -m mmpretrain.cli "${b16[@]}" --zero 1 \
+    engine.compile=true optim.grad_clip=0
+  grep -E "^==|samples/s|ratio" "$log"
 }
 
 # The GPU tests `quick` leaves out (training with the kernel on and off, the fast path against
@@ -183,6 +204,7 @@ case "$stage" in
   quick) quick ;;
   shards) shards ;;
   rest) rest ;;
+  profile) profile ;;
   all) check; attention; train ;;
-  *) echo "unknown stage $stage (check|attention|tiles|train|levers|memory|quick|rest|shards|all)"; exit 2 ;;
+  *) echo "unknown stage $stage (check|attention|tiles|train|levers|memory|quick|rest|profile|shards|all)"; exit 2 ;;
 esac

@@ -42,6 +42,7 @@ OPEN_CLIP_MODELS = {"vit_b32": "ViT-B-32", "vit_b16": "ViT-B-16", "vit_l14": "Vi
 SKIP_MESSAGE = ("open-clip-torch is not installed; pip install 'mmpretrain[bench]' (or "
                 "open-clip-torch==3.3.0) to compare with OpenCLIP; skipping the comparison")
 POOL_BATCHES = 4
+PROFILE_STEPS = 3
 
 
 @dataclass
@@ -63,6 +64,9 @@ class BenchOptions:
     gpu_memory: float = 0.0
     """Limit the CUDA allocator to what a device of this many GiB would leave it (0: no
     limit): an H200 then answers whether a run fits an H100 80GB."""
+    profile: str = ""
+    """Profile PROFILE_STEPS more steps after the timed ones and write the traces to this
+    directory (`engine/profile.py`); empty: no profiling."""
 
 
 def bench_overrides(opts: BenchOptions, output_dir: str) -> list[str]:
@@ -77,7 +81,7 @@ def bench_overrides(opts: BenchOptions, output_dir: str) -> list[str]:
                 "data.mode=resampled", f"data.num_workers={opts.workers}"]
     return [f"model.size={opts.model}", f"data.batch_size={opts.batch}", *data,
             f"engine.zero_stage={opts.zero}", f"engine.precision={opts.precision}",
-            f"optim.steps={opts.warmup + opts.steps}", f"optim.warmup_steps={opts.warmup}",
+            f"optim.steps={opts.warmup + opts.steps + (PROFILE_STEPS if opts.profile else 0)}", f"optim.warmup_steps={opts.warmup}",
             "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=none",
             "eval.at_end=false", "eval.every=0", "logging.wandb_mode=disabled",
             "logging.progress=false", f'output_dir="{_yaml_str(output_dir)}"', "name=bench",
@@ -149,7 +153,9 @@ def _measure(trainer: Any, opts: BenchOptions) -> dict[str, Any]:
     elapsed, (meter, losses) = _timed(trainer.device, lambda: trainer.run_steps(opts.steps,
                                                                                 batches))
     params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.task.model.parameters())
-    return {
+    profiled = _profile(opts, "mmpretrain", lambda n: trainer.run_steps(n, batches),
+                        trainer.device)
+    return {**profiled,
         "impl": "mmpretrain", "model": opts.model, "batch_per_rank": cfg.data.batch_size,
         "world_size": trainer.world, "global_batch": trainer.global_batch, "data": opts.data,
         "zero_stage": cfg.engine.zero_stage, "precision": trainer.precision,
@@ -162,6 +168,16 @@ def _measure(trainer: Any, opts: BenchOptions) -> dict[str, Any]:
         "loss": float(losses["loss"]) / opts.steps,
         "device": device_name(trainer.device), "device_type": trainer.device.type,
         "versions": versions()}
+
+
+def _profile(opts: BenchOptions, label: str, run: Callable[[int], Any],
+             device: torch.device) -> dict[str, Any]:
+    """{"profile": summary} of PROFILE_STEPS steps of `run` with `--profile`, else {}."""
+    if not opts.profile:
+        return {}
+    from mmpretrain.engine.profile import profile_steps
+
+    return {"profile": profile_steps(label, run, PROFILE_STEPS, device, opts.profile)}
 
 
 def _memory(device: torch.device) -> dict[str, Any]:
@@ -330,6 +346,7 @@ def bench_open_clip(opts: BenchOptions, device: torch.device) -> dict[str, Any]:
 
     run(opts.warmup)
     elapsed, _ = _timed(device, lambda: run(opts.steps))
+    profiled = _profile(opts, "open_clip", run, device)
     ours = load_config(None, [f"model.size={opts.model}"]).model  # same architecture
     peak_mem = ((torch.cuda.max_memory_allocated(device) - base_mem) / 2**30 if cuda
                 else peak_memory_gb(device))
@@ -339,7 +356,7 @@ def bench_open_clip(opts: BenchOptions, device: torch.device) -> dict[str, Any]:
             **_speed(opts, elapsed, opts.batch, train_flops_per_sample(ours), 1, device),
             "peak_mem_gb": peak_mem, "data_wait_frac": 0.0,
             "params": sum(p.numel() for p in model.parameters()),
-            "device": device_name(device), "device_type": device.type,
+            "device": device_name(device), "device_type": device.type, **profiled,
             "versions": {**versions(), "open_clip": open_clip.__version__}}
 
 
