@@ -15,6 +15,7 @@
 #                                         # (a 15-minute device budget): see quick() below
 #   bash tests/gpu_session.sh rest        # the GPU tests quick leaves out, on a warm machine
 #   bash tests/gpu_session.sh profile     # where ViT-B/16's step time goes, ours vs OpenCLIP
+#   bash tests/gpu_session.sh compare     # ViT-B/16 and B/32 vs compiled OpenCLIP, <= 4 minutes
 #   bash tests/gpu_session.sh all         # check, attention, train (may not fit one call)
 # Results land in $OUT (logs and JSON; at most 8 files come back).
 set -uo pipefail
@@ -167,6 +168,20 @@ profile() {
   grep -E "^==|samples/s|ratio" "$log"
 }
 
+# Ours against compiled OpenCLIP in one short call: ViT-B/16 compiled (SDPA, then Triton), ViT-B/32.
+compare() {
+  log="$OUT/compare.txt"
+  : > "$log"
+  local common=(--zero 1 --steps 15 --warmup 6)
+  step 100 "vit_b16 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli bench train \
+    --model vit_b16 --batch 256 "${common[@]}" --compare open_clip engine.compile=true
+  step 50 "vit_b16 compiled + triton attention" $py -m mmpretrain.cli bench train \
+    --model vit_b16 --batch 256 "${common[@]}" engine.compile=true model.attention=triton
+  step 80 "vit_b32 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli bench train \
+    --model vit_b32 --batch 512 "${common[@]}" --compare open_clip engine.compile=true
+  grep -E "^==|samples/s|ratio" "$log"
+}
+
 # The GPU tests `quick` leaves out (training with the kernel on and off, the fast path against
 # the reference path, CoCa in bf16, the fused loss, the memory prediction), for a warm machine
 # with what is left of the budget: REST_LIMIT seconds in all (default 240).
@@ -205,6 +220,7 @@ case "$stage" in
   shards) shards ;;
   rest) rest ;;
   profile) profile ;;
+  compare) compare ;;
   all) check; attention; train ;;
-  *) echo "unknown stage $stage (check|attention|tiles|train|levers|memory|quick|rest|profile|shards|all)"; exit 2 ;;
+  *) echo "unknown stage $stage (check|attention|tiles|train|levers|memory|quick|rest|profile|compare|shards|all)"; exit 2 ;;
 esac

@@ -19,14 +19,33 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
     return ndim < 2 or "logit_" in name
 
 
+ALIGN_NUMEL = 8
+"""16 bytes of bf16/fp16 (and 32 of fp32): the alignment cuBLAS's fast kernels want."""
+
+
+def _aligned_first(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """`params` with those whose element count is a multiple of ALIGN_NUMEL first (stable).
+
+    DeepSpeed (ZeRO 0-2 in bf16/fp16) packs each group's weights back to back into one flat
+    buffer and makes every parameter a view of it, so one odd-sized tensor (the (1,) logit
+    scale) misaligns all that follow it. Measured on an H200: with the logit scale first, 199
+    of ViT-B/16's 302 parameters (every bias and norm weight) sat 2 bytes off 16-byte
+    alignment and cuBLAS ran their addmm with sm75-era kernels, 2.3x slower steps."""
+    def numel(p: nn.Parameter) -> int:
+        return math.prod(getattr(p, "ds_shape", p.shape))
+
+    return sorted(params, key=lambda p: numel(p) % ALIGN_NUMEL != 0)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed matrices and everything `no_decay` exempts."""
+    """Two AdamW groups: decayed matrices and everything `no_decay` exempts; in each, the
+    odd-sized tensors last (`_aligned_first`)."""
     decay, plain = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (plain if no_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": plain, "weight_decay": 0.0, "name": "no_decay"}]
+    return [{"params": _aligned_first(decay), "weight_decay": weight_decay, "name": "decay"},
+            {"params": _aligned_first(plain), "weight_decay": 0.0, "name": "no_decay"}]
 
 
 class AdamWSkipNonFinite(torch.optim.AdamW):
