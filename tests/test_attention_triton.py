@@ -141,7 +141,7 @@ def _gpu_errors(shape: tuple, dtype: torch.dtype) -> dict[str, float]:
         kpm = torch.arange(sk, device="cuda")[None] < lengths[:, None]  # (B, Sk)
         kpm[0] = False  # a fully padded sample
     out = attention_triton(q, k, v, causal=causal, key_padding_mask=kpm)
-    do = torch.randn_like(out)
+    do = torch.randn(out.shape, device="cuda", generator=gen).to(dtype)  # seeded: repeatable
     out.backward(do)
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = kernels.attention_reference(qd, kd, vd, causal=causal, key_padding_mask=kpm)

@@ -52,17 +52,29 @@ def test_zero3_builds_partitioned_model_with_the_same_init(tmp_path: Path) -> No
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path: Path) -> None:
     """A NaN loss skips the update (weights unchanged, counted); more than
-    optim.max_skipped_steps in a row stop the run with a checkpoint (ZeRO 0 and 2)."""
+    optim.max_skipped_steps in a row stop the run with a checkpoint (ZeRO 0 and 2 in fp32,
+    ZeRO 1 in bf16, where the optimizer's check stands alone)."""
     r = _check("nonfinite", tmp_path)
-    for stage in ("0", "2"):
+    for stage in ("0_fp32", "2_fp32", "1_bf16"):  # bf16: DeepSpeed's own check is off
         s = r[stage]
         assert s["skipped"] == 1 and s["unchanged_on_skip"] and s["moved_after"], s
+        assert s["ds_overflow_check"] in ((False,) if stage == "1_bf16" else (False, None)), s
         assert s["finite"], s
         assert s["stopped"] and "optim.max_skipped_steps=2" in s["stopped"], s
         # NaN from step 3: the third skip in a row (step 5) passes the limit. Flags are read
         # a step late except on log/save/eval steps; step 5 logs (log_every 5): stop there
         assert "up to step 5" in s["stopped"] and s["stop_step"] == 5, s
         assert s["checkpoint"], s
+
+
+def test_bf16_flat_buffers_keep_weights_aligned(tmp_path: Path) -> None:
+    """After deepspeed.initialize in bf16 (ZeRO 0-2) every parameter whose size allows it
+    starts on a 16-byte boundary; with the (1,) logit scale first most would not."""
+    r = _check("align", tmp_path)
+    for stage in ("0", "1", "2"):
+        assert r[stage]["dtype"] == "torch.bfloat16" and r[stage]["n_params"] > 100, r[stage]
+        assert r[stage]["misaligned"] == [], r[stage]
+    assert r["unsorted"] > 50, r  # the check can see the fault it guards against
 
 
 @pytest.mark.slow
