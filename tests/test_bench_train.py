@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import builtins
+import gzip
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +14,9 @@ import torch
 import mmpretrain.engine.bench as engine_bench
 from helpers import REPO, clean_env
 from mmpretrain.config.load import load_config
-from mmpretrain.engine.bench import (SKIP_MESSAGE, format_report, open_clip_name,
+from mmpretrain.engine.bench import (PROFILE_STEPS, SKIP_MESSAGE, format_report, open_clip_name,
                                      open_clip_problem)
+from mmpretrain.engine.profile import family
 from mmpretrain.logging.flops import PEAK_TFLOPS_ENV, train_flops_per_sample
 
 # open_clip made unimportable whether or not it is installed (None in sys.modules).
@@ -24,11 +27,17 @@ ARGS = ["bench", "train", "--model", "tiny", "--batch", "8", "--steps", "3", "--
 
 
 @pytest.fixture(scope="module")
-def tiny_run() -> subprocess.CompletedProcess:
+def profile_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("profile")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(profile_dir: Path) -> subprocess.CompletedProcess:
     env = clean_env()
     env.pop(PEAK_TFLOPS_ENV, None)
-    return subprocess.run([sys.executable, "-c", BLOCKED_RUN, *ARGS], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", BLOCKED_RUN, *ARGS, "--profile",
+                           str(profile_dir)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
 
 
 def test_tiny_cpu_run_reports_sane_numbers(tiny_run: subprocess.CompletedProcess) -> None:
@@ -59,6 +68,40 @@ def test_tiny_cpu_run_reports_sane_numbers(tiny_run: subprocess.CompletedProcess
     assert "n/a (unknown peak)" in table and "samples/s" in table
     assert "optim.lr=0.0005, device synced before each step" in table
     assert "predicted (bench memory)" in table and "host peak RSS" in table
+
+
+def test_profile_reports_where_the_time_goes(tiny_run: subprocess.CompletedProcess,
+                                             profile_dir: Path) -> None:
+    """--profile: PROFILE_STEPS more steps under torch.profiler after the timed ones (the
+    schedule covers them), a summary in the record, top ops on stderr, a gzipped trace."""
+    assert tiny_run.returncode == 0, tiny_run.stderr[-4000:]
+    prof = json.loads(tiny_run.stdout.strip().splitlines()[-1])["mmpretrain"]["profile"]
+    assert prof["steps"] == PROFILE_STEPS and prof["wall_ms_per_step"] > 0
+    assert prof["device_busy_ms_per_step"] == 0 and prof["families_ms_per_step"] == {}  # CPU
+    assert prof["trace"] == str(profile_dir / "mmpretrain.trace.json.gz")
+    events = json.load(gzip.open(prof["trace"]))["traceEvents"]
+    assert any(e.get("name") in ("aten::mm", "aten::addmm") for e in events)
+    assert "== profile mmpretrain: " in tiny_run.stderr and "Self CPU" in tiny_run.stderr
+
+
+@pytest.mark.parametrize("name, fam", [
+    ("void cutlass::Kernel2<cutlass_75_tensorop_bf16_s1688gemm_bf16_128x128_tn_align1>", "matmul"),
+    ("nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_splitK_NTN", "matmul"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", "attention"),
+    ("_attn_bwd_fused", "attention"),
+    ("triton_per_fused__to_copy_add_native_layer_norm_native_layer_norm_backward_sum_view_1",
+     "norm"),
+    ("triton_poi_fused_gelu_gelu_backward_view_0", "elementwise"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda", "copy"),
+    ("Memcpy DtoD (Device -> Device)", "copy"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<c10::BFloat16, MaxOps",
+     "reduction"),
+    ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor", "optimizer"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "communication"),
+    ("something_new", "other")])
+def test_profile_kernel_families(name: str, fam: str) -> None:
+    """Kernel names seen on the H200 (cuBLAS, cuDNN, Inductor, ATen, ours) land in their family."""
+    assert family(name) == fam
 
 
 def test_out_of_memory_is_a_record(monkeypatch: pytest.MonkeyPatch,

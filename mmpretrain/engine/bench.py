@@ -79,9 +79,10 @@ def bench_overrides(opts: BenchOptions, output_dir: str) -> list[str]:
     else:  # resampled: endless, no minimum shard count, sample counts optional
         data = ["data.source=shards", f'data.train_shards="{_yaml_str(opts.data)}"',
                 "data.mode=resampled", f"data.num_workers={opts.workers}"]
+    steps = opts.warmup + opts.steps + (PROFILE_STEPS if opts.profile else 0)
     return [f"model.size={opts.model}", f"data.batch_size={opts.batch}", *data,
             f"engine.zero_stage={opts.zero}", f"engine.precision={opts.precision}",
-            f"optim.steps={opts.warmup + opts.steps + (PROFILE_STEPS if opts.profile else 0)}", f"optim.warmup_steps={opts.warmup}",
+            f"optim.steps={steps}", f"optim.warmup_steps={opts.warmup}",
             "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=none",
             "eval.at_end=false", "eval.every=0", "logging.wandb_mode=disabled",
             "logging.progress=false", f'output_dir="{_yaml_str(output_dir)}"', "name=bench",

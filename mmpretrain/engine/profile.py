@@ -17,14 +17,14 @@ from typing import Any, Callable
 import torch
 
 FAMILIES = (  # (family, pattern on the kernel's name); the first match wins
-    ("attention", r"flash|fmha|attn|attention|cudnn"),
-    ("matmul", r"gemm|nvjet|cutlass|sm90_xmma|wgmma|cublas|matmul|_mm_|splitk"),
-    ("optimizer", r"adam|multi_tensor|foreach"),
-    ("copy", r"memcpy|memset|copy|cat_|fill"),
-    ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter"),
-    ("norm", r"norm|welford"),
-    ("reduction", r"reduce|sum|softmax|max|logsumexp"),
-    ("elementwise", r"elementwise|vectorized|triton|unrolled|pointwise|gelu"),
+    ("attention", r"sdpa|flash|fmha|attn|dot_do_o"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|matmul|splitk|conv"),
+    ("optimizer", r"adam|multi_tensor"),
+    ("communication", r"nccl"),
+    ("norm", r"norm|welford|gammabeta"),
+    ("copy", r"memcpy|memset|copy_kernel|catarray|fill"),
+    ("reduction", r"reduce|triton_red|triton_per|softmax|logsumexp"),
+    ("elementwise", r"elementwise|triton_poi|pointwise"),
 )
 """Kernel families of the busy-time split (device kernels' names are matched lowercased)."""
 ROWS = 25
