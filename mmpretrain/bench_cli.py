@@ -49,9 +49,10 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError) as e:
         print(f"mmpretrain bench attention: error: {e}", file=sys.stderr)
         return 2
-    if entries is not None:
-        from mmpretrain.kernels.precompile import cache_entries
-        print(f"Triton kernels the JIT compiled while timing: {cache_entries() - entries}",
+    if entries is not None:  # the same directory: FlexAttention's Inductor run may repoint
+        from mmpretrain.kernels.precompile import cache_entries  # Triton's cache elsewhere
+        print(f"Triton kernels the JIT compiled while timing: "
+              f"{cache_entries(entries[0]) - entries[1]}",
               file=sys.stderr)  # 0 when the precompile's cache keys matched
     print(bench.format_best(records) if args.sweep else bench.format_table(records))
     if args.json:
@@ -74,10 +75,11 @@ def _sweep_progress(json_path: str):  # noqa: ANN202
     return progress
 
 
-def _precompile(args: argparse.Namespace, shapes: list[str], dtype: object) -> int | None:
+def _precompile(args: argparse.Namespace, shapes: list[str],
+                dtype: object) -> tuple[str, int] | None:
     """With CUDA and --precompile-workers != 0: compile the kernels about to be timed in
-    parallel (`kernels/precompile.py`), report on stderr; returns the cache's entry count
-    after it (None when skipped)."""
+    parallel (`kernels/precompile.py`), report on stderr; returns Triton's cache directory
+    and its entry count after it (None when skipped)."""
     import torch
 
     from mmpretrain.kernels import bench, precompile
@@ -96,7 +98,8 @@ def _precompile(args: argparse.Namespace, shapes: list[str], dtype: object) -> i
     report = precompile.precompile(jobs, workers if workers > 0 else
                                    precompile.default_workers())
     print(f"precompile: {json.dumps(report)}", file=sys.stderr, flush=True)
-    return precompile.cache_entries()
+    path = precompile.cache_dir()
+    return path, precompile.cache_entries(path)
 
 
 def _bench_attention_aot(args: argparse.Namespace, shapes: list[str], dtype: object) -> int:

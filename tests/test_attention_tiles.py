@@ -414,10 +414,19 @@ def test_cli_precompiles_what_it_will_time(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(at, "device_sms", lambda dev: 132)
     monkeypatch.setattr(precompile, "precompile",
                         lambda jobs, workers: jobs_seen.append((jobs, workers)) or {"jobs": 2})
-    monkeypatch.setattr(precompile, "cache_entries", lambda: 7)
-    monkeypatch.setattr(bench, "bench_one", lambda impl, shape, *a: {
-        "impl": impl, "shape": shape, "fwd_ms": 1.0, "fwd_tflops": 2.0, "fwd_bwd_ms": 3.0,
-        "fwd_bwd_tflops": 4.0})
+    # timing FlexAttention makes Inductor point Triton at its own cache (seen on the H200:
+    # the count came out as -195); the count must stay with the first directory
+    cache = {"dir": "/triton-cache"}
+    monkeypatch.setattr(precompile, "cache_dir", lambda: cache["dir"])
+    monkeypatch.setattr(precompile, "cache_entries",
+                        lambda path=None: {"/triton-cache": 7, "/inductor": 2}[path])
+
+    def bench_one(impl: str, shape: str, *a: object) -> dict:
+        cache["dir"] = "/inductor"
+        return {"impl": impl, "shape": shape, "fwd_ms": 1.0, "fwd_tflops": 2.0,
+                "fwd_bwd_ms": 3.0, "fwd_bwd_tflops": 4.0}
+
+    monkeypatch.setattr(bench, "bench_one", bench_one)
     assert main(["bench", "attention", "--shapes", "text_causal", "--impls",
                  "triton,triton_fused,sdpa_cudnn", "--precompile-workers", "3"]) == 0
     (jobs, workers), = jobs_seen

@@ -167,11 +167,18 @@ def precompile(jobs: list[Job], workers: int) -> dict:
             "cache_entries_added": cache_entries() - before}
 
 
-def cache_entries() -> int:
-    """Entries (one directory per compiled kernel) in Triton's on-disk cache."""
+def cache_dir() -> str:
+    """Triton's on-disk cache directory as of now (Inductor, e.g. compiling FlexAttention,
+    may point Triton at its own directory later in the process)."""
     from triton import knobs
 
-    path = knobs.cache.dir
+    return knobs.cache.dir
+
+
+def cache_entries(path: str | None = None) -> int:
+    """Entries (one directory per compiled kernel) in Triton's on-disk cache at `path`
+    (default: `cache_dir()`)."""
+    path = path or cache_dir()
     return sum(1 for e in os.scandir(path) if e.is_dir()) if os.path.isdir(path) else 0
 
 
