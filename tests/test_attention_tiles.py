@@ -223,10 +223,12 @@ def test_backward_plan_choice() -> None:
 
 @pytest.mark.usefixtures("no_interpreter")
 def test_fused_tiles_by_architecture() -> None:
-    """Hopper with D <= 64: 64x64 (no spills compiled for sm_90); otherwise 32x64 on 8 warps
-    (64x64 spills ~170 bytes on sm_80)."""
-    assert at._fused_blocks(64, 90) == Blocks(64, 64, 4, 1)
+    """Hopper with D <= 64: 64x64 in 2 stages (no spills compiled for sm_90; the H200
+    sweep's best); otherwise 32x64 on 8 warps (64x64 spills ~170 bytes on sm_80)."""
+    assert at._fused_blocks(64, 90) == Blocks(64, 64, 4, 2)
     assert at._fused_blocks(64, 80) == at._fused_blocks(128, 90) == Blocks(32, 64, 8, 1)
+    # the forward for D <= 64: 64x32, 4 warps, 3 stages (the H200 sweep's best geometric mean)
+    assert at._fwd_blocks(197, 64) == at._fwd_blocks(77, 32) == Blocks(64, 32, 4, 3)
 
 
 # ---------------------------------------------------------------- sweep logic (fake timer)

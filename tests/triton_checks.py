@@ -56,7 +56,7 @@ TILE_SETS = {
              "bwd_q": Blocks(64, 32, 4, 2)},
     "64x64": {"fwd": Blocks(64, 64, 4, 2), "bwd_kv": Blocks(64, 64, 4, 2),
               "bwd_q": Blocks(64, 64, 4, 2)},
-    "fused_hopper_d64": {"fwd": Blocks(128, 64, 4, 3), "bwd_fused": Blocks(64, 64, 4, 1)},
+    "fused_hopper_d64": {"fwd": Blocks(64, 32, 4, 3), "bwd_fused": Blocks(64, 64, 4, 2)},
     "fused_32x64": {"fwd": Blocks(64, 64, 4, 2), "bwd_fused": Blocks(32, 64, 8, 1)},
 }
 TILE_CASES = [
