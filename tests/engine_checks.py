@@ -5,6 +5,7 @@
     python tests/engine_checks.py nonfinite OUT_DIR   # NaN steps are skipped, then the run stops
     python tests/engine_checks.py universal OUT_DIR STAGE NAME  # resume on another world size
     python tests/engine_checks.py align OUT_DIR       # bf16 flat buffers keep weights aligned
+    python tests/engine_checks.py clip OUT_DIR        # our clipping == DeepSpeed's (ZeRO 1, 2)
 
 Each prints one JSON line with its measurements.
 """
@@ -177,6 +178,43 @@ def check_align(out: str) -> dict:
     return result
 
 
+def check_clip(out: str) -> dict:
+    """ZeRO-1 and ZeRO-2 (fp32), gradients clipped on every step: the norm from one
+    `torch._foreach_norm` (engine/zero_norm.py) vs DeepSpeed's per-parameter loop, the logged
+    norms and the final weights."""
+    import mmpretrain.engine.zero_norm as zero_norm
+
+    result = {}
+    for stage in (1, 2):
+        runs = {}
+        for who in ("foreach", "deepspeed"):
+            keep = zero_norm.install_foreach_grad_norm
+            if who == "deepspeed":
+                zero_norm.install_foreach_grad_norm = lambda optimizer: False
+            try:
+                t = _trainer(out, f"clip_{stage}_{who}", f"engine.zero_stage={stage}",
+                             "optim.grad_clip=0.05", "optim.steps=4", "logging.log_every=1",
+                             "checkpoint.every=0", "checkpoint.save_final=false",
+                             "data.batch_size=8")
+                t.train()
+            finally:
+                zero_norm.install_foreach_grad_norm = keep
+            lines = (t.run_dir / "metrics.jsonl").read_text().splitlines() if t.rank == 0 else []
+            method = getattr(t.engine.optimizer.get_grad_norm_direct, "__func__", None)
+            runs[who] = {"weights": {n: p.detach().clone() for n, p in
+                                     t.engine.module.named_parameters()},
+                         "norms": [json.loads(x)["grad_norm"] for x in lines if "grad_norm" in x],
+                         "installed": method is zero_norm._foreach_grad_norm}
+        ours, ds = runs["foreach"], runs["deepspeed"]
+        scale = max(w.abs().max().item() for w in ds["weights"].values())
+        result[stage] = {
+            "max_weight_diff": max((ours["weights"][n] - w).abs().max().item()
+                                   for n, w in ds["weights"].items()) / scale,
+            "norms_foreach": ours["norms"], "norms_deepspeed": ds["norms"],
+            "installed": [ours["installed"], ds["installed"]]}
+    return result
+
+
 def check_universal(out: str, stage: str, saved: str) -> dict:
     """Resume run `saved` (written by another number of ranks) and compare the loaded fp32
     weights and Adam moments with the checkpoint's consolidated state."""
@@ -214,6 +252,6 @@ if __name__ == "__main__":
     what, out_dir, *rest = sys.argv[1:]
     result = {"accum": check_accum, "zero3_init": check_zero3_init,
               "nonfinite": check_nonfinite, "universal": check_universal,
-              "align": check_align}[what](out_dir, *rest)
+              "align": check_align, "clip": check_clip}[what](out_dir, *rest)
     if os.environ.get("RANK", "0") == "0":
         print("RESULT " + json.dumps(result), flush=True)

@@ -77,6 +77,20 @@ def test_bf16_flat_buffers_keep_weights_aligned(tmp_path: Path) -> None:
     assert r["unsorted"] > 50, r  # the check can see the fault it guards against
 
 
+def test_foreach_grad_norm_matches_deepspeed(tmp_path: Path) -> None:
+    """ZeRO-1/2 on 2 ranks with the gradient clipped on every step: the norm taken with one
+    `torch._foreach_norm` gives DeepSpeed's per-parameter norm and the same weights."""
+    r = _check("clip", tmp_path, nproc=2)
+    for stage in ("1", "2"):
+        s = r[stage]
+        assert s["installed"] == [True, False], s
+        assert len(s["norms_foreach"]) == len(s["norms_deepspeed"]) == 4, s
+        assert min(s["norms_deepspeed"]) > 0.05, s  # every step clipped
+        for a, b in zip(s["norms_foreach"], s["norms_deepspeed"]):
+            assert a == pytest.approx(b, rel=1e-6), s
+        assert s["max_weight_diff"] < 1e-6, s
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, saved_world, resumed_world",
                          [(1, 2, 1), (2, 1, 2), (3, 2, 1), (3, 1, 2)])

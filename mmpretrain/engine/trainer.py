@@ -76,6 +76,8 @@ class Trainer:
     def _build(self) -> None:
         import deepspeed
 
+        from mmpretrain.engine.zero_norm import install_foreach_grad_norm
+
         from mmpretrain import kernels
         from mmpretrain.data import build_train_stream, prepare_tokenizer
 
@@ -98,6 +100,7 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.task, optimizer=optimizer, config=ds_cfg,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim))
+        install_foreach_grad_norm(self.optimizer)  # ZeRO-1/2: one norm kernel, not ~900
         self.stream = build_train_stream(cfg, self.tokenizer, self.rank, self.world)
         self.jsonl = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
         self.global_batch = cfg.data.batch_size * cfg.engine.grad_accum * self.world
