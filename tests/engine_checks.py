@@ -127,7 +127,7 @@ def check_nonfinite(out: str) -> dict:
     from mmpretrain.engine.errors import NonFiniteTrainingError
 
     result = {}
-    for stage, precision in ((0, "fp32"), (2, "fp32"), (1, "bf16")):
+    for stage, precision in ((0, "fp32"), (2, "fp32"), (1, "bf16"), (0, "bf16")):
         common = [f"engine.zero_stage={stage}", "optim.steps=6", "optim.max_skipped_steps=2",
                   "checkpoint.every=0", "data.batch_size=8", "optim.warmup_steps=1",
                   f"engine.precision={precision}"]
