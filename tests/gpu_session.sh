@@ -130,24 +130,23 @@ quick() {
   : > "$log"
   step 70 "kernel parity (bf16, fp16; split and fused backward)" $py -m pytest -q -m gpu \
     -p no:cacheprovider -k "not training" tests/test_attention_triton.py  # on/off run: `check`
-  # both bench steps first compile their Triton kernels in parallel (--precompile-workers);
-  # the sweep keeps $OUT/tiles.json current, and what it measured feeds the later steps
-  step 110 "tile sweep" $py -m mmpretrain.cli bench attention --sweep --warmup 3 --iters 10 \
-    --shapes vit_b16,vit_l14,vit_l14_336,text_causal --json "$OUT/tiles.json"
-  local tiles=() tiles_opt=()
-  if [ -s "$OUT/tiles.json" ]; then
-    tiles=("--tiles" "$OUT/tiles.json"); tiles_opt=("model.attention_tiles=$OUT/tiles.json")
-  fi
-  step 130 "bench attention" $py -m mmpretrain.cli bench attention --warmup 5 --iters 30 \
-    --shapes vit_b16,vit_l14,vit_l14_336,text_causal "${tiles[@]}" \
+  # the default tiles (chosen from the 2026-11-30 H200 sweep; `tiles` sweeps again); the
+  # Triton kernels are first compiled in parallel (--precompile-workers)
+  step 80 "bench attention" $py -m mmpretrain.cli bench attention --warmup 5 --iters 30 \
+    --shapes vit_b16,vit_l14,vit_l14_336,text_causal \
     --impls triton,triton_split,sdpa_flash,sdpa_cudnn,flex --json "$OUT/attention.json"
-  step 150 "bench train vit_b16 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
-    bench train --model vit_b16 --batch 256 --zero 1 --steps 15 --warmup 6 \
-    --compare open_clip engine.compile=true
-  step 90 "bench train vit_b16 compiled + triton attention" $py -m mmpretrain.cli \
-    bench train --model vit_b16 --batch 256 --zero 1 --steps 15 --warmup 6 \
-    engine.compile=true model.attention=triton "${tiles_opt[@]}"
-  grep -E "^==|^precompile|compiled while|samples/s|ratio|ms |^(vit|text)" "$log" | tail -80
+  local common=(bench train --zero 1 --steps 15 --warmup 6)
+  step 100 "bench train vit_b16 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
+    "${common[@]}" --model vit_b16 --batch 256 --compare open_clip engine.compile=true
+  step 80 "bench train vit_b16 compiled, profiled" $py -m mmpretrain.cli bench train \
+    --model vit_b16 --batch 256 --zero 1 --steps 10 --warmup 5 --profile "$OUT/prof" \
+    engine.compile=true
+  step 80 "bench train vit_b32 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
+    "${common[@]}" --model vit_b32 --batch 512 --compare open_clip engine.compile=true
+  step 130 "bench train vit_l14 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
+    "${common[@]}" --model vit_l14 --batch 128 --compare open_clip engine.compile=true
+  grep -E "^==|^precompile|compiled while|samples/s|ratio|ms |^(vit|text)|profile mm" "$log" \
+    | tail -80
 }
 
 # Where ViT-B/16's step time goes, ours (compiled and eager) next to compiled OpenCLIP
