@@ -5,7 +5,8 @@
     python tests/engine_checks.py nonfinite OUT_DIR   # NaN steps are skipped, then the run stops
     python tests/engine_checks.py universal OUT_DIR STAGE NAME  # resume on another world size
     python tests/engine_checks.py align OUT_DIR       # bf16 flat buffers keep weights aligned
-    python tests/engine_checks.py clip OUT_DIR        # our clipping == DeepSpeed's (ZeRO 1, 2)
+    python tests/engine_checks.py clip OUT_DIR        # foreach grad norm == DeepSpeed's
+    python tests/engine_checks.py old_order OUT_DIR STAGE  # a checkpoint in the old group order
 
 Each prints one JSON line with its measurements.
 """
@@ -215,6 +216,26 @@ def check_clip(out: str) -> dict:
     return result
 
 
+def check_old_order(out: str, stage: str) -> dict:
+    """Train 4 steps and checkpoint with the parameter order of before 2026-11-30 (the logit
+    scale first in its group) as run 'run' under OUT_DIR, for `universal` to resume."""
+    import mmpretrain.engine.optim as optim
+    from mmpretrain.checkpoint.manager import saved_param_order
+
+    keep, optim._aligned_first = optim._aligned_first, list
+    try:
+        t = _trainer(out, "run", f"engine.zero_stage={stage}", "optim.steps=8",
+                     "optim.stop_after=4", "checkpoint.every=4", "data.batch_size=8")
+        summary = t.train()
+        old = optim.param_group_names(t.task)
+    finally:
+        optim._aligned_first = keep
+    path = t.ckpt.latest()
+    return {"step": summary["step"], "first_in_groups": [g[0] for g in saved_param_order(path)],
+            "recut_for_new_order": t.ckpt.needs_universal(path, optim.param_group_names(t.task)),
+            "recut_for_same_order": t.ckpt.needs_universal(path, old)}
+
+
 def check_universal(out: str, stage: str, saved: str) -> dict:
     """Resume run `saved` (written by another number of ranks) and compare the loaded fp32
     weights and Adam moments with the checkpoint's consolidated state."""
@@ -252,6 +273,6 @@ if __name__ == "__main__":
     what, out_dir, *rest = sys.argv[1:]
     result = {"accum": check_accum, "zero3_init": check_zero3_init,
               "nonfinite": check_nonfinite, "universal": check_universal,
-              "align": check_align, "clip": check_clip}[what](out_dir, *rest)
+              "align": check_align, "clip": check_clip, "old_order": check_old_order}[what](out_dir, *rest)
     if os.environ.get("RANK", "0") == "0":
         print("RESULT " + json.dumps(result), flush=True)

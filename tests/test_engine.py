@@ -92,6 +92,23 @@ def test_foreach_grad_norm_matches_deepspeed(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_resume_with_the_old_parameter_order(tmp_path: Path, stage: int) -> None:
+    """A checkpoint whose optimizer groups list the parameters in another order (before
+    2026-11-30 the logit scale came first) resumes through the universal conversion, by name:
+    fp32 weights and Adam moments equal the checkpoint's (its flat partitions loaded directly
+    would hand parameters each other's values). The same order needs no conversion."""
+    saved = _check("old_order", tmp_path, str(stage))
+    assert saved["step"] == 4 and "model.logit_scale" in saved["first_in_groups"], saved
+    assert saved["recut_for_new_order"] and not saved["recut_for_same_order"], saved
+    r = _check("universal", tmp_path, str(stage), "run")
+    assert r["loaded"] and r["world"] == 1
+    assert r["max_weight_diff"] == 0.0 and r["max_exp_avg_diff"] == 0.0, r
+    assert r["params_with_moments"] == r["n_params"] > 100
+    assert r["finished_step"] == 8
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, saved_world, resumed_world",
                          [(1, 2, 1), (2, 1, 2), (3, 2, 1), (3, 1, 2)])
 def test_resume_on_another_world_size(tmp_path: Path, stage: int, saved_world: int,

@@ -166,14 +166,13 @@ def _zero_state(ckpt: Path, trust: bool) -> dict[str, torch.Tensor]:
 
 def _optimizer_param_names(cfg: ExperimentConfig) -> list[list[str]]:
     """Names of the trainer's optimizer groups' parameters, in group order (meta device)."""
-    from mmpretrain.engine.optim import param_groups
+    from mmpretrain.engine.optim import param_group_names
     from mmpretrain.model import build_model
     from mmpretrain.model.task import build_task
 
     with torch.device("meta"):
         task = build_task(cfg, build_model(cfg.model, cfg.loss.kind))
-    names = {id(p): n for n, p in task.named_parameters()}
-    return [[names[id(p)] for p in g["params"]] for g in param_groups(task, 0.0)]
+    return param_group_names(task)
 
 
 def _master_tensors(optim: Any) -> list[list[torch.Tensor]] | None:
@@ -226,7 +225,10 @@ def _stage0_state(ckpt: Path, cfg: ExperimentConfig,
         log.warning("%s: half-precision module weights and no fp32 masters; exporting the "
                     "%s weights upcast to fp32", ckpt, dtypes)
         return module, "module weights (half precision, upcast)"
-    problems = _apply_masters(module, _optimizer_param_names(cfg), masters)
+    # the order DeepSpeed recorded (checkpoints from before 2026-11-30 grouped differently)
+    names = ([list(g) for g in saved["param_shapes"]] if saved.get("param_shapes")
+             else _optimizer_param_names(cfg))
+    problems = _apply_masters(module, names, masters)
     if problems:
         log.warning("%s: could not match the fp32 masters to parameters (%s); exporting the "
                     "half-precision module weights upcast", ckpt, problems[0])

@@ -43,6 +43,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def saved_param_order(path: Path) -> list[list[str]] | None:
+    """Parameter names per optimizer group, in the order of the flat partitions, as DeepSpeed
+    recorded them in checkpoint `path` (`param_shapes`); None if it has no such record."""
+    files = sorted(path.glob("*mp_rank_00_model_states.pt"))
+    if not files:
+        return None
+    state = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)
+    shapes = state.get("param_shapes") if isinstance(state, dict) else None
+    return [list(group) for group in shapes] if shapes else None
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` via a temporary file, fsync and rename."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
@@ -172,11 +183,23 @@ class CheckpointManager:
                                     "mmpretrain checkpoint (no meta.json)")
         return path
 
-    def needs_universal(self, path: Path) -> bool:
-        """Whether `path` was saved by another number of ranks under ZeRO 1-3 (its optimizer
-        shards then have to be re-cut through DeepSpeed's universal checkpoint format)."""
+    def needs_universal(self, path: Path, param_order: list[list[str]] | None = None) -> bool:
+        """Whether `path` (ZeRO 1-3) has to be re-cut through DeepSpeed's universal checkpoint
+        format: saved by another number of ranks, or with its optimizer groups' parameters in
+        another order than `param_order` (names per group). ZeRO's flat fp32 partitions are laid
+        out in that order, so loading them directly would give parameters each other's values;
+        checkpoints from before 2026-11-30 put the logit scale first."""
         meta = json.loads((path / "meta.json").read_text())
-        return meta["world_size"] != self.world_size and meta.get("zero_stage", 0) >= 1
+        if meta.get("zero_stage", 0) < 1:
+            return False
+        if meta["world_size"] != self.world_size:
+            return True
+        saved = saved_param_order(path) if param_order is not None else None
+        if saved is not None and saved != param_order:
+            log.warning("%s lists its parameters in another order than this version groups "
+                        "them; loading it through its universal conversion", path)
+            return True
+        return False
 
     def universal(self, path: Path) -> Path:
         """Convert `path` to a universal checkpoint once (rank 0; cached next to the others

@@ -48,6 +48,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": _aligned_first(plain), "weight_decay": 0.0, "name": "no_decay"}]
 
 
+def param_group_names(model: nn.Module) -> list[list[str]]:
+    """The names of `param_groups(model)`'s parameters, per group, in order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in param_groups(model, 0.0)]
+
+
 class AdamWSkipNonFinite(torch.optim.AdamW):
     """AdamW that leaves parameters and moments untouched when any gradient is NaN/Inf.
 

@@ -19,7 +19,7 @@ from mmpretrain.engine.dist import detect_env, init_distributed
 from mmpretrain.engine.ds_config import build_ds_config, resolve_precision
 from mmpretrain.engine.errors import NonFiniteTrainingError
 from mmpretrain.engine.memory import loss_memory_warning
-from mmpretrain.engine.optim import build_optimizer, build_scheduler
+from mmpretrain.engine.optim import build_optimizer, build_scheduler, param_group_names
 from mmpretrain.engine.stepflags import LaggedFlags, StepFlags
 from mmpretrain.logging.flops import flops_metrics, peak_tflops, train_flops_per_sample
 from mmpretrain.logging.metrics import JsonlWriter, StepMeter, format_metrics, peak_memory_gb
@@ -90,11 +90,12 @@ class Trainer:
                                       self.rank, self.world)
         self._resume_path = self.ckpt.resolve(cfg.checkpoint.resume)
         self._universal = None
-        if self._resume_path is not None and self.ckpt.needs_universal(self._resume_path):
-            self._universal = self.ckpt.universal(self._resume_path)
-            ds_cfg["checkpoint"] = {"load_universal": True}
         model = self._build_model(ds_cfg)
         self.task = build_task(cfg, model)
+        if self._resume_path is not None and self.ckpt.needs_universal(
+                self._resume_path, param_group_names(self.task)):
+            self._universal = self.ckpt.universal(self._resume_path)
+            ds_cfg["checkpoint"] = {"load_universal": True}
         optimizer = self._client_optimizer = build_optimizer(self.task, cfg.optim, self.device)
         # A factory: DeepSpeed calls it with the optimizer it wraps (ZeRO-3 regroups params).
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
