@@ -10,8 +10,8 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from typing import Literal
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
+from typing import Iterator, Literal
 
 
 @dataclass
@@ -366,7 +366,7 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def iter_fields(cls: type, prefix: str = ""):
+def iter_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, Field, type]]:
     """Yield (dotted key, field, owning dataclass) for every leaf field of a config dataclass."""
     for f in fields(cls):
         factory = f.default_factory  # type: ignore[misc]
