@@ -12,10 +12,23 @@ Each prints one JSON line with its measurements.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from typing import Any, Iterator
 
 import torch
+
+
+@contextlib.contextmanager
+def _swapped(module: Any, name: str, value: Any) -> Iterator[None]:
+    """`module.name` replaced by `value` inside the block (e.g. the parameter order of old)."""
+    keep = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, keep)
 
 
 def _trainer(out: str, name: str, *overrides: str):
@@ -169,13 +182,10 @@ def check_align(out: str) -> dict:
                      "engine.precision=bf16")
         result[stage] = {"misaligned": misaligned(t), "n_params": len(list(t.task.parameters())),
                          "dtype": str(next(t.task.parameters()).dtype)}
-    keep, optim._aligned_first = optim._aligned_first, list  # the order before the fix
-    try:
+    with _swapped(optim, "_aligned_first", list):  # the order before the fix
         result["unsorted"] = len(misaligned(_trainer(out, "align_unsorted",
                                                      "engine.zero_stage=1",
                                                      "engine.precision=bf16")))
-    finally:
-        optim._aligned_first = keep
     return result
 
 
@@ -189,17 +199,14 @@ def check_clip(out: str) -> dict:
     for stage in (1, 2):
         runs = {}
         for who in ("foreach", "deepspeed"):
-            keep = zero_norm.install_foreach_grad_norm
-            if who == "deepspeed":
-                zero_norm.install_foreach_grad_norm = lambda optimizer: False
-            try:
+            install = (lambda optimizer: False) if who == "deepspeed" else (
+                zero_norm.install_foreach_grad_norm)
+            with _swapped(zero_norm, "install_foreach_grad_norm", install):
                 t = _trainer(out, f"clip_{stage}_{who}", f"engine.zero_stage={stage}",
                              "optim.grad_clip=0.05", "optim.steps=4", "logging.log_every=1",
                              "checkpoint.every=0", "checkpoint.save_final=false",
                              "data.batch_size=8")
                 t.train()
-            finally:
-                zero_norm.install_foreach_grad_norm = keep
             lines = (t.run_dir / "metrics.jsonl").read_text().splitlines() if t.rank == 0 else []
             method = getattr(t.engine.optimizer.get_grad_norm_direct, "__func__", None)
             runs[who] = {"weights": {n: p.detach().clone() for n, p in
@@ -222,14 +229,11 @@ def check_old_order(out: str, stage: str) -> dict:
     import mmpretrain.engine.optim as optim
     from mmpretrain.checkpoint.manager import saved_param_order
 
-    keep, optim._aligned_first = optim._aligned_first, list
-    try:
+    with _swapped(optim, "_aligned_first", list):
         t = _trainer(out, "run", f"engine.zero_stage={stage}", "optim.steps=8",
                      "optim.stop_after=4", "checkpoint.every=4", "data.batch_size=8")
         summary = t.train()
         old = optim.param_group_names(t.task)
-    finally:
-        optim._aligned_first = keep
     path = t.ckpt.latest()
     return {"step": summary["step"], "first_in_groups": [g[0] for g in saved_param_order(path)],
             "recut_for_new_order": t.ckpt.needs_universal(path, optim.param_group_names(t.task)),
@@ -273,6 +277,7 @@ if __name__ == "__main__":
     what, out_dir, *rest = sys.argv[1:]
     result = {"accum": check_accum, "zero3_init": check_zero3_init,
               "nonfinite": check_nonfinite, "universal": check_universal,
-              "align": check_align, "clip": check_clip, "old_order": check_old_order}[what](out_dir, *rest)
+              "align": check_align, "clip": check_clip,
+              "old_order": check_old_order}[what](out_dir, *rest)
     if os.environ.get("RANK", "0") == "0":
         print("RESULT " + json.dumps(result), flush=True)

@@ -5,8 +5,8 @@ fp64, takes its norm and moves it to the device, one parameter at a time: ~900 k
 per ViT-B/16 step (302 parameters), all after the backward, while the GPU waits (H200 profile,
 docs/PERFORMANCE.md). `install_foreach_grad_norm` replaces that method on one optimizer
 instance by the same sum with `torch._foreach_norm` (fp32 norms per tensor, summed in fp64),
-the same all-reduces and the same mark for a NaN/inf norm (-1); `tests/engine_checks.py clip` shows the
-norms and the clipped weights match DeepSpeed's own on 2 ranks.
+the same all-reduces and the same mark for a NaN/inf norm (-1); `tests/engine_checks.py clip`
+shows the norms and the clipped weights match DeepSpeed's own on 2 ranks.
 """
 from __future__ import annotations
 
