@@ -82,6 +82,11 @@ def test_profile_reports_where_the_time_goes(tiny_run: subprocess.CompletedProce
     events = json.load(gzip.open(prof["trace"]))["traceEvents"]
     assert any(e.get("name") in ("aten::mm", "aten::addmm") for e in events)
     assert "== profile mmpretrain: " in tiny_run.stderr and "Self CPU" in tiny_run.stderr
+    phases = prof["timeline"]["phases_per_step"]  # the trainer's marked phases, on the host
+    assert set(phases) == {"forward", "backward", "optimizer"}, phases
+    assert all(row["host_ms"] > 0 and row["kernels"] == 0 for row in phases.values())
+    assert prof["wall_ms_per_step"] >= sum(row["host_ms"] for row in phases.values())
+    assert "== timeline mmpretrain, per step:" in tiny_run.stderr
 
 
 @pytest.mark.parametrize("name, fam", [

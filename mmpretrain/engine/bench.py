@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from mmpretrain.config.load import load_config
 from mmpretrain.engine.dist import detect_env
+from mmpretrain.engine.timeline import phase
 from mmpretrain.logging.flops import (device_name, flops_metrics, peak_tflops,
                                       train_flops_per_sample)
 from mmpretrain.logging.metrics import peak_memory_gb
@@ -338,11 +339,12 @@ def bench_open_clip(opts: BenchOptions, device: torch.device) -> dict[str, Any]:
     def run(n: int) -> None:
         for _ in range(n):
             optimizer.zero_grad(set_to_none=True)
-            with autocast():
+            with phase("forward"), autocast():
                 loss = loss_fn(**step_model(images, tokens))
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
+            with phase("backward"):
+                loss.backward()
+            with phase("optimizer"), torch.no_grad():
+                optimizer.step()
                 model.logit_scale.clamp_(0, math.log(100))
 
     run(opts.warmup)

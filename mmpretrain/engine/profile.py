@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from mmpretrain.engine.timeline import format_timeline, load_trace, timeline
+
 FAMILIES = (  # (family, pattern on the kernel's name); the first match wins
     ("attention", r"sdpa|flash|fmha|attn|dot_do_o"),
     ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|matmul|splitk|conv"),
@@ -89,4 +91,6 @@ def profile_steps(label: str, run: Callable[[int], Any], steps: int, device: tor
     path = Path(out_dir) / f"{label}.trace.json.gz"
     path.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(path))
-    return {**summary, "trace": str(path)}
+    phases = timeline(load_trace(path), steps)
+    print(f"== timeline {label}, per step:\n{format_timeline(phases)}", file=sys.stderr)
+    return {**summary, "timeline": phases, "trace": str(path)}

@@ -21,6 +21,7 @@ from mmpretrain.engine.errors import NonFiniteTrainingError
 from mmpretrain.engine.memory import loss_memory_warning
 from mmpretrain.engine.optim import build_optimizer, build_scheduler, param_group_names
 from mmpretrain.engine.stepflags import LaggedFlags, StepFlags
+from mmpretrain.engine.timeline import phase
 from mmpretrain.logging.flops import flops_metrics, peak_tflops, train_flops_per_sample
 from mmpretrain.logging.metrics import JsonlWriter, StepMeter, format_metrics, peak_memory_gb
 from mmpretrain.model.task import FeatureCache, build_task
@@ -211,16 +212,19 @@ class Trainer:
                     cache.text.append(f["text_features"])
         caption = []
         for j, (images, tokens) in enumerate(inputs):
-            out = eng(images, tokens, cache=cache, index=j)
+            with phase("forward"):
+                out = eng(images, tokens, cache=cache, index=j)
             if "caption_loss" in out:
                 caption.append(out["caption_loss"])
             # DeepSpeed divides every micro-batch's gradient by the accumulation steps (also
             # through output hooks, whatever scale_wrt_gas says). The cached-feature loss is
             # already the loss of the whole accumulated batch, so undo that division.
-            eng.backward(out["loss"] * len(inputs) if cache is not None else out["loss"])
+            with phase("backward"):
+                eng.backward(out["loss"] * len(inputs) if cache is not None else out["loss"])
             if want_grad_norm and j == len(inputs) - 1:
                 self._grad_norm = self._unpartitioned_grad_norm()
-            eng.step()
+            with phase("optimizer"):
+                eng.step()
         return self._step_losses(out, caption)
 
     def _step_losses(self, out: dict[str, torch.Tensor],
