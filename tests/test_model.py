@@ -175,7 +175,9 @@ def test_sdpa_model_matches_reference_and_checkpointing_grads_match():
     for loss, grads in results[1:]:
         torch.testing.assert_close(loss, results[0][0], rtol=1e-5, atol=1e-5)
         for g, g0 in zip(grads, results[0][1]):
-            torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-5)
+            # fp32 summation order differs between the implementations: absolute errors
+            # scale with the gradient (up to ~25 here; 2e-5 measured on the largest)
+            torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-5 * max(1.0, g0.abs().max()))
 
 
 def test_initialization_statistics_and_bf16_forward():
@@ -192,3 +194,24 @@ def test_initialization_statistics_and_bf16_forward():
     out = model(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16), _tokens(2, 32, [3, 9], 1024))
     assert out["image_features"].dtype == torch.bfloat16
     assert torch.isfinite(out["image_features"].float()).all()
+
+
+@pytest.mark.parametrize("patch, size, bias", [(16, 64, False), (14, 42, True), (4, 12, False)])
+def test_patch_embed_matmul_equals_the_convolution(patch, size, bias):
+    """PatchEmbed computes the stride = kernel Conv2d as unfold + one matmul: same outputs and
+    weight gradients as cuDNN's/ATen's convolution (fp64), tokens in row-major grid order."""
+    from mmpretrain.model.vision import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(3, 24, kernel_size=patch, stride=patch, bias=bias).double()
+    images = torch.randn(2, 3, size, size, dtype=torch.float64)
+    out = embed(images)  # (B, N, W)
+    conv = torch.nn.functional.conv2d(images, embed.weight, embed.bias, stride=patch)
+    ref = conv.flatten(2).transpose(1, 2)  # (B, N, W)
+    assert out.shape == (2, (size // patch) ** 2, 24)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    (dw,) = torch.autograd.grad(out, embed.weight, grad)
+    (dw_ref,) = torch.autograd.grad(ref, embed.weight, grad)
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-10, atol=1e-10)
+    assert list(embed.state_dict()) == (["weight", "bias"] if bias else ["weight"])

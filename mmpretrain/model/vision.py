@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmpretrain.config.schema import VisionConfig
@@ -27,6 +28,27 @@ def validate_vision_config(cfg: VisionConfig) -> None:
         raise ValueError(f"model.vision.pool must be 'cls' or 'mean', got {cfg.pool!r}")
 
 
+class PatchEmbed(nn.Conv2d):
+    """Non-overlapping patch embedding: a Conv2d (kernel = stride = patch; its weight layout,
+    init and state-dict name) computed as one matmul over the unfolded patches.
+
+    For a stride-equal-kernel convolution the two are the same sum. cuDNN ran it on the H200
+    (ViT-B/16, batch 256) as layout transposes (NCHW <-> NHWC, 1.3 ms a step), an implicit
+    GEMM at 43 TFLOP/s (1.4 ms forward) and its weight gradient (0.4 ms): 3.1 ms a step. As a
+    matmul it is one copy (the unfold) and one GEMM of (B*N, 3*p*p) x (3*p*p, width) forward,
+    one for the weight gradient, like every other linear layer.
+    """
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, width)
+        b, c, h, w = images.shape
+        p = self.kernel_size[0]
+        gh, gw = h // p, w // p
+        patches = images.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)  # (B,gh,gw,C,p,p)
+        patches = patches.reshape(b, gh * gw, c * p * p)  # (B, N, C*p*p), channel-major like
+        weight = self.weight.reshape(self.out_channels, -1)  # (width, C*p*p)      the kernel
+        return F.linear(patches, weight, self.bias)  # (B, N, width)
+
+
 class VisionTransformer(nn.Module):
     """CLIP-style ViT: patch embedding, class token, learned positions, pre-norm Transformer.
 
@@ -44,8 +66,8 @@ class VisionTransformer(nn.Module):
         self.pool_kind = cfg.pool
         self.grid = cfg.image_size // cfg.patch_size
         num_tokens = 1 + self.grid * self.grid
-        self.patch_embed = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size,
-                                     stride=cfg.patch_size, bias=False)
+        self.patch_embed = PatchEmbed(3, cfg.width, kernel_size=cfg.patch_size,
+                                      stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.empty(cfg.width))  # (width,)
         self.positional_embedding = nn.Parameter(torch.empty(num_tokens, cfg.width))  # (1+N, W)
         self.ln_pre = LayerNorm(cfg.width)
@@ -74,8 +96,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(
                 f"expected images of shape (B, 3, {self.image_size}, {self.image_size}) "
                 f"(model.vision.image_size), got {tuple(images.shape)}")
-        x = self.patch_embed(images)  # (B, W, grid, grid)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, W)
+        x = self.patch_embed(images)  # (B, N, W), N = grid * grid in row-major order
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, W)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + N, W)
         x = x + self.positional_embedding.to(x.dtype)  # (B, 1 + N, W)
