@@ -16,6 +16,7 @@
 #   bash tests/gpu_session.sh rest        # the GPU tests quick leaves out, on a warm machine
 #   bash tests/gpu_session.sh profile     # where ViT-B/16's step time goes, ours vs OpenCLIP
 #   bash tests/gpu_session.sh compare     # ViT-B/16 and B/32 vs compiled OpenCLIP, <= 4 minutes
+#   bash tests/gpu_session.sh autotune    # ViT-B/16 with compile_mode=max-autotune, <= 9 minutes
 #   bash tests/gpu_session.sh all         # check, attention, train (may not fit one call)
 # Results land in $OUT (logs and JSON; at most 8 files come back).
 set -uo pipefail
@@ -136,17 +137,30 @@ quick() {
     --shapes vit_b16,vit_l14,vit_l14_336,text_causal \
     --impls triton,triton_split,sdpa_flash,sdpa_cudnn,flex --json "$OUT/attention.json"
   local common=(bench train --zero 1 --steps 15 --warmup 6)
-  step 100 "bench train vit_b16 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
-    "${common[@]}" --model vit_b16 --batch 256 --compare open_clip engine.compile=true
-  step 80 "bench train vit_b16 compiled, profiled" $py -m mmpretrain.cli bench train \
-    --model vit_b16 --batch 256 --zero 1 --steps 10 --warmup 5 --profile "$OUT/prof" \
+  # timed steps first, then 3 profiled ones of each: the phase timeline (device busy/idle per
+  # forward, backward and optimizer step, and the host ops the device waited on) side by side
+  step 150 "bench train vit_b16 compiled vs compiled OpenCLIP, profiled" $py -m mmpretrain.cli \
+    "${common[@]}" --model vit_b16 --batch 256 --compare open_clip --profile "$OUT/prof" \
     engine.compile=true
   step 80 "bench train vit_b32 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
     "${common[@]}" --model vit_b32 --batch 512 --compare open_clip engine.compile=true
   step 130 "bench train vit_l14 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
     "${common[@]}" --model vit_l14 --batch 128 --compare open_clip engine.compile=true
-  grep -E "^==|^precompile|compiled while|samples/s|ratio|ms |^(vit|text)|profile mm" "$log" \
-    | tail -80
+  grep -E "^==|^precompile|compiled while|samples/s|ratio|ms |^(vit|text)|profile mm|^ +(phase|forward|backward|optimizer|other) |^device idle" "$log" \
+    | tail -120
+}
+
+# torch.compile's max-autotune for the blocks (Triton matmul templates with bias, GELU and
+# residual epilogues fused, where they beat cuBLAS) against the default mode, ViT-B/16.
+autotune() {
+  log="$OUT/autotune.txt"
+  : > "$log"
+  local b16=(bench train --model vit_b16 --batch 256 --zero 1 --steps 15 --warmup 6)
+  step 100 "vit_b16 compiled (default mode)" $py -m mmpretrain.cli "${b16[@]}" \
+    engine.compile=true
+  step 400 "vit_b16 compiled, max-autotune" $py -m mmpretrain.cli "${b16[@]}" \
+    engine.compile=true engine.compile_mode=max-autotune
+  grep -E "^==|samples/s|compiled while" "$log"
 }
 
 # Where ViT-B/16's step time goes, ours (compiled and eager) next to compiled OpenCLIP
@@ -220,6 +234,7 @@ case "$stage" in
   rest) rest ;;
   profile) profile ;;
   compare) compare ;;
+  autotune) autotune ;;
   all) check; attention; train ;;
-  *) echo "unknown stage $stage (check|attention|tiles|train|levers|memory|quick|rest|profile|compare|shards|all)"; exit 2 ;;
+  *) echo "unknown stage $stage (check|attention|tiles|train|levers|memory|quick|rest|profile|compare|autotune|shards|all)"; exit 2 ;;
 esac
