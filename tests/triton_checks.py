@@ -64,6 +64,9 @@ TILE_CASES = [
     ("s197", 2, 1, 197, 197, 32, False, None),
     ("cross_100x300_causal", 1, 1, 100, 300, 32, True, None),
     ("cross_300x150_causal_emptyrows", 1, 1, 300, 150, 32, True, None),
+    # ragged tails of 22 queries (a 32-row tail block under 64-row tiles) and 52 keys (64 of
+    # 128); s197 above leaves 5 (a 16-wide tail)
+    ("cross_150x180", 1, 1, 150, 180, 32, False, None),
 ]
 PACKED_CASES = [
     ("packed_s77_causal_pad", 2, 2, 77, 77, 64, True, "empty"),

@@ -17,6 +17,9 @@ True = attend, fully masked rows -> 0 output and 0 grads, scale defaults to D **
   of `kernels/ops.py` (one graph node for the forward, one for the backward; same launches).
 * On CPU the kernels run only under Triton's interpreter (`TRITON_INTERPRET=1` set before
   triton is imported); there bf16 `tl.dot` is wrong (Triton 3.9), fp16/fp32 are correct.
+* Ragged tails: without causality or padding, the keys after the last whole key block (and,
+  in the fused backward, the query rows after the last whole query block) run as one block of
+  `tail_block` (16 for ViT's 197 = 3 x 64 + 5 tokens) instead of a whole tile.
 * Tiles: `tile_override` / `set_tile_override` (the sweep in `kernels/bench.py`), else the
   loaded tile table's measured tiles for the call's shape (`kernels/tiles.py`), else the
   `_fwd_blocks` / `_bwd_blocks` / `_fused_blocks` heuristics (32x32 under the interpreter).
@@ -156,6 +159,25 @@ def _next_pow2(x: int) -> int:
     return 1 << max(4, (x - 1).bit_length())  # at least 16 (tl.dot minimum)
 
 
+def tail_block(seq: int, block: int) -> int:
+    """The block size the kernels use for the `seq % block` positions after the last whole
+    `block`: the next power of two >= 16 that holds them (`block` when nothing is left over).
+
+    A ragged last block otherwise costs a whole tile: ViT-B/16's 197 tokens in 64-blocks are
+    3 whole blocks and 5 tokens, so 256 positions per side and 1.69x the useful score tiles
+    in the backward's (query block, key block) pairs; with a 16-wide tail 208 per side, 1.11x.
+    """
+    rest = seq % block
+    return block if rest == 0 else min(block, _next_pow2(rest))
+
+
+def _tail(seq: int, block: int, causal: bool, kpm: torch.Tensor | None) -> int:
+    """TAIL_M / TAIL_N of a launch: `tail_block`, except for causal or padded calls, whose
+    kernels ignore it (their masked loops keep whole blocks); `block` there, so they compile
+    once per tile, as before."""
+    return block if causal or kpm is not None else tail_block(seq, block)
+
+
 def _fwd_blocks(sq: int, block_d: int) -> _Blocks:
     """Forward tiles. D <= 64: 64 queries x 32 keys, 4 warps, 3 stages, the best geometric mean
     of the H200 sweep over the four issue shapes (2026-11-30, Triton 3.6: within 6% of each
@@ -290,7 +312,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tenso
     _attn_fwd[grid](
         q, k, v, o, lse, mask_t, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smn,
         scale, heads, sq, sk, HEAD_D=dim, BLOCK_M=cfg.m, BLOCK_N=cfg.n, BLOCK_D=block_d,
-        CAUSAL=causal, HAS_KPM=kpm is not None, num_warps=cfg.warps, num_stages=cfg.stages)
+        CAUSAL=causal, HAS_KPM=kpm is not None, TAIL_N=_tail(sk, cfg.n, causal, kpm),
+        num_warps=cfg.warps, num_stages=cfg.stages)
     return o, lse
 
 
@@ -352,13 +375,13 @@ def _launch_bwd_split(ins: tuple, grads: tuple, kpm: torch.Tensor | None, causal
     _attn_bwd_dkdv[((sk + kv_cfg.n - 1) // kv_cfg.n, batch * heads)](
         q, k, v, do, dk, dv, lse, delta, mask_t, *q.stride(), *k.stride(), *v.stride(),
         *do.stride(), *dk.stride(), *dv.stride(), smb, smn, scale, heads, sq, sk,
-        BLOCK_M=kv_cfg.m, BLOCK_N=kv_cfg.n, num_warps=kv_cfg.warps, num_stages=kv_cfg.stages,
-        **common)
+        BLOCK_M=kv_cfg.m, BLOCK_N=kv_cfg.n, TAIL_M=kv_cfg.m,  # no query tail: see the kernel
+        num_warps=kv_cfg.warps, num_stages=kv_cfg.stages, **common)
     _attn_bwd_dq[((sq + q_cfg.m - 1) // q_cfg.m, batch * heads)](
         q, k, v, do, dq, lse, delta, mask_t, *q.stride(), *k.stride(), *v.stride(),
         *do.stride(), *dq.stride(), smb, smn, scale, heads, sq, sk,
-        BLOCK_M=q_cfg.m, BLOCK_N=q_cfg.n, num_warps=q_cfg.warps, num_stages=q_cfg.stages,
-        **common)
+        BLOCK_M=q_cfg.m, BLOCK_N=q_cfg.n, TAIL_N=_tail(sk, q_cfg.n, causal, kpm),
+        num_warps=q_cfg.warps, num_stages=q_cfg.stages, **common)
 
 
 def _dq_accumulator(programs: int, sq: int, block_d: int, device: torch.device) -> torch.Tensor:
@@ -383,7 +406,8 @@ def _launch_bwd_fused(ins: tuple, grads: tuple, kpm: torch.Tensor | None, causal
         q, k, v, do, dq, dk, dv, dq_acc, lse, delta, mask_t, *q.stride(), *k.stride(),
         *v.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(), smb, smn, scale,
         heads, sq, k.shape[2], HEAD_D=dim, BLOCK_M=cfg.m, BLOCK_N=cfg.n, BLOCK_D=block_d,
-        CAUSAL=causal, HAS_KPM=kpm is not None, num_warps=cfg.warps, num_stages=cfg.stages)
+        CAUSAL=causal, HAS_KPM=kpm is not None, TAIL_M=_tail(sq, cfg.m, causal, kpm),
+        TAIL_N=_tail(k.shape[2], cfg.n, causal, kpm), num_warps=cfg.warps, num_stages=cfg.stages)
 
 
 def _grads_bhsd(q: torch.Tensor, k: torch.Tensor,

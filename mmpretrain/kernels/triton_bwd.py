@@ -46,12 +46,13 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols, offs_m,
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
                 offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn, qk_scale, SEQ_Q, SEQ_K, lo, hi,
                 acc_base, start_n, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                ACC_DQ: tl.constexpr):
-    """Accumulate dK, dV (BN, BD) of one key block over the query blocks in [lo, hi).
+                ACC_DQ: tl.constexpr, STAGES: tl.constexpr = None):
+    """Accumulate dK, dV (BN, BD) of one key block over the query blocks of BLOCK_M rows in
+    [lo, hi).
 
     Without MASKED the scores are not masked: rows past Sq load q = dO = 0 and add nothing,
     keys past Sk only reach their own dK/dV rows, which are never stored.
@@ -59,7 +60,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
     `acc_base` (read-modify-write; the first key block, `start_n` 0, writes instead). dQ sums
     over keys, so there a key past Sk (loaded as 0, P = exp(-lse) possibly inf) must be masked.
     """
-    for start_m in range(lo, hi, BLOCK_M):
+    offs_m = tl.arange(0, BLOCK_M)  # (BM,)
+    for start_m in tl.range(lo, hi, BLOCK_M, num_stages=STAGES):
         rows = start_m + offs_m  # (BM,)
         q_mask = (rows[:, None] < SEQ_Q) & d_ok[None, :]  # (BM, BD)
         q = tl.load(q_base + rows[:, None] * sqs + offs_d[None, :] * sqd,
@@ -86,13 +88,14 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, KPM, b, rows, offs_n, offs_d, d_ok,
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, KPM, b, rows, offs_d, d_ok,
               sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K, lo, hi,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-              HAS_KPM: tl.constexpr):
-    """Accumulate dQ (BM, BD) of one query block over the key blocks in [lo, hi); without
-    MASKED every key there must exist and be visible (`_unmasked_end`)."""
-    for start_n in range(lo, hi, BLOCK_N):
+              HAS_KPM: tl.constexpr, STAGES: tl.constexpr = None):
+    """Accumulate dQ (BM, BD) of one query block over the key blocks of BLOCK_N in [lo, hi);
+    without MASKED every key there must exist and be visible (`_unmasked_end`)."""
+    offs_n = tl.arange(0, BLOCK_N)  # (BN,)
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         cols = start_n + offs_n  # (BN,)
         kv_mask = d_ok[None, :]  # (1, BD)
         if MASKED:
@@ -114,14 +117,18 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, KPM, b, rows, offs_n, offs_
 
 @triton.jit
 def _dkdv_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b, h,
-                pid_bh, offs_n, offs_m, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs, svd,
+                pid_bh, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs, svd,
                 sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd, sdos, sdod, smb, smn,
                 sm_scale, SEQ_Q, SEQ_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_KPM: tl.constexpr, ACC_DQ: tl.constexpr):
+                HAS_KPM: tl.constexpr, ACC_DQ: tl.constexpr, TAIL_M: tl.constexpr,
+                STAGES: tl.constexpr = None):
     """Key block [start_n, start_n + BN): dK, dV over the query rows that see it, stored;
-    with ACC_DQ (fused backward) dQ rows are accumulated at `acc_base` too."""
-    cols = start_n + offs_n  # (BN,)
+    with ACC_DQ (fused backward) dQ rows are accumulated at `acc_base` too. Without causality
+    or padding, and with TAIL_M < BLOCK_M, the query rows after the last whole BLOCK_M block
+    run in blocks of TAIL_M (`STAGES`: the software pipelining of the whole blocks' loop;
+    None: the launch's)."""
+    cols = start_n + tl.arange(0, BLOCK_N)  # (BN,)
     kv_mask = (cols[:, None] < SEQ_K) & d_ok[None, :]  # (BN, BD)
     k = tl.load(K + b * skb + h * skh + cols[:, None] * sks + offs_d[None, :] * skd,
                 mask=kv_mask, other=0.0)  # (BN, BD)
@@ -136,10 +143,21 @@ def _dkdv_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KP
         lo = (lo // BLOCK_M) * BLOCK_M
         if ACC_DQ:  # the first key block visits every row: it writes all of the dQ buffer
             lo = tl.where(start_n == 0, 0, lo)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
-                         offs_m, offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn,
-                         sm_scale * LOG2E, SEQ_Q, SEQ_K, lo, SEQ_Q, acc_base, start_n,
-                         BLOCK_M, BLOCK_D, MASKED, CAUSAL, HAS_KPM, ACC_DQ)
+    if CAUSAL or HAS_KPM or TAIL_M == BLOCK_M:
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
+                             offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn,
+                             sm_scale * LOG2E, SEQ_Q, SEQ_K, lo, SEQ_Q, acc_base, start_n,
+                             BLOCK_M, BLOCK_D, MASKED, CAUSAL, HAS_KPM, ACC_DQ, STAGES)
+    else:  # whole query blocks, then the ragged tail, Sq % BLOCK_M rows, in TAIL_M blocks
+        tail = (SEQ_Q // BLOCK_M) * BLOCK_M
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
+                             offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn,
+                             sm_scale * LOG2E, SEQ_Q, SEQ_K, lo, tail, acc_base, start_n,
+                             BLOCK_M, BLOCK_D, MASKED, CAUSAL, HAS_KPM, ACC_DQ, STAGES)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
+                             offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn,
+                             sm_scale * LOG2E, SEQ_Q, SEQ_K, tail, SEQ_Q, acc_base, start_n,
+                             TAIL_M, BLOCK_D, MASKED, CAUSAL, HAS_KPM, ACC_DQ, 1)
     tl.store(DK + b * sdkb + h * sdkh + cols[:, None] * sdks + offs_d[None, :] * sdkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * sdvb + h * sdvh + cols[:, None] * sdvs + offs_d[None, :] * sdvd,
@@ -162,8 +180,11 @@ def _attn_bwd_dkdv(
     sm_scale, H, SEQ_Q, SEQ_K,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    TAIL_M: tl.constexpr,
 ):
     """dK, dV for one key block of one (batch, head). Grid: (cdiv(Sk, BLOCK_N), B * H).
+    The launch passes TAIL_M = BLOCK_M (one query loop): with a second loop for a query tail
+    ptxas spilled ~140 bytes per thread at 32x128 (sm_90), and 32-row blocks waste little.
 
     Masks matter only to causal or padded attention: rows past Sq and keys past Sk add
     nothing to the dK/dV that are stored (`_dkdv_inner`). One loop either way: splitting the
@@ -175,10 +196,10 @@ def _attn_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)  # (BD,)
     _dkdv_block(tl.program_id(0) * BLOCK_N, K, V, DK, DV, Q + b * sqb + h * sqh,
                 DO + b * sdob + h * sdoh, DELTA, LSE, DELTA, KPM, b, h, pid_bh,
-                tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_M), offs_d, offs_d < HEAD_D, skb, skh,
+                offs_d, offs_d < HEAD_D, skb, skh,
                 sks, skd, svb, svh, svs, svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd,
                 sqs, sqd, sdos, sdod, smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N,
-                BLOCK_D, CAUSAL or HAS_KPM, CAUSAL, HAS_KPM, False)
+                BLOCK_D, CAUSAL or HAS_KPM, CAUSAL, HAS_KPM, False, TAIL_M)
 
 
 @triton.jit
@@ -193,14 +214,15 @@ def _attn_bwd_dq(
     sm_scale, H, SEQ_Q, SEQ_K,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    TAIL_N: tl.constexpr,
 ):
-    """dQ for one query block of one (batch, head). Grid: (cdiv(Sq, BLOCK_M), B * H)."""
+    """dQ for one query block of one (batch, head). Grid: (cdiv(Sq, BLOCK_M), B * H).
+    Keys after the last whole BLOCK_N block run in blocks of TAIL_N, as in the forward."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
     h = pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    offs_n = tl.arange(0, BLOCK_N)  # (BN,)
     offs_d = tl.arange(0, BLOCK_D)  # (BD,)
     d_ok = offs_d < HEAD_D
     q_mask = (rows[:, None] < SEQ_Q) & d_ok[None, :]  # (BM, BD)
@@ -218,12 +240,17 @@ def _attn_bwd_dq(
     if CAUSAL:
         hi = tl.minimum(SEQ_K, (pid_m + 1) * BLOCK_M + (SEQ_K - SEQ_Q))
     mid = _unmasked_end(pid_m, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KPM, b, rows, offs_n, offs_d, d_ok,
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KPM, b, rows, offs_d, d_ok,
                    sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K, 0, mid,
                    BLOCK_N, False, CAUSAL, HAS_KPM)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KPM, b, rows, offs_n, offs_d, d_ok,
-                   sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K, mid, hi,
-                   BLOCK_N, True, CAUSAL, HAS_KPM)
+    if CAUSAL or HAS_KPM:
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KPM, b, rows, offs_d, d_ok,
+                       sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K, mid, hi,
+                       BLOCK_N, True, CAUSAL, HAS_KPM)
+    else:  # the ragged tail, Sk % BLOCK_N keys: one TAIL_N block
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KPM, b, rows, offs_d, d_ok,
+                       sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K, mid, hi,
+                       TAIL_N, True, CAUSAL, HAS_KPM, 1)
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqs + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -243,6 +270,7 @@ def _attn_bwd_fused(
     sm_scale, H, SEQ_Q, SEQ_K,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
     """dQ, dK, dV of one whole (batch, head) in one pass. Grid: (B * H,).
 
@@ -256,29 +284,36 @@ def _attn_bwd_fused(
     b = (pid_bh // H).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
     h = pid_bh % H
     offs_m = tl.arange(0, BLOCK_M)  # (BM,)
-    offs_n = tl.arange(0, BLOCK_N)  # (BN,)
     offs_d = tl.arange(0, BLOCK_D)  # (BD,)
     d_ok = offs_d < HEAD_D
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
     acc_base = DQ_ACC + pid_bh.to(tl.int64) * SEQ_Q * BLOCK_D
-    # Whole key blocks run unmasked when nothing is causal or padded; the ragged last one
-    # (or every block, if causal or padded) runs with masks.
-    full = 0
-    if not (CAUSAL or HAS_KPM):
-        full = (SEQ_K // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full, BLOCK_N):
-        _dkdv_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b,
-                    h, pid_bh, offs_n, offs_m, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs,
-                    svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd, sdos, sdod,
-                    smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N, BLOCK_D, False,
-                    CAUSAL, HAS_KPM, True)
-    for start_n in range(full, SEQ_K, BLOCK_N):
-        _dkdv_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b,
-                    h, pid_bh, offs_n, offs_m, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs,
-                    svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd, sdos, sdod,
-                    smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N, BLOCK_D, True,
-                    CAUSAL, HAS_KPM, True)
+    # Causal or padded: every key block runs with masks. Otherwise whole key blocks run
+    # unmasked (each with its ragged query rows in TAIL_M blocks) and the ragged key tail is
+    # one masked block of TAIL_N keys, whose query rows all run in BLOCK_M blocks, without
+    # software pipelining (sm_90: any other split of that block spilled registers).
+    if CAUSAL or HAS_KPM:
+        for start_n in range(0, SEQ_K, BLOCK_N):
+            _dkdv_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b,
+                        h, pid_bh, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs,
+                        svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd, sdos,
+                        sdod, smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N, BLOCK_D, True,
+                        CAUSAL, HAS_KPM, True, BLOCK_M)
+    else:
+        whole = (SEQ_K // BLOCK_N) * BLOCK_N
+        for start_n in range(0, whole, BLOCK_N):
+            _dkdv_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b,
+                        h, pid_bh, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs,
+                        svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd, sdos,
+                        sdod, smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N, BLOCK_D, False,
+                        CAUSAL, HAS_KPM, True, TAIL_M)
+        for start_n in range(whole, SEQ_K, TAIL_N):
+            _dkdv_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b,
+                        h, pid_bh, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs,
+                        svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd, sdos,
+                        sdod, smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M, TAIL_N, BLOCK_D, True,
+                        CAUSAL, HAS_KPM, True, BLOCK_M, 1)
     for start_m in range(0, SEQ_Q, BLOCK_M):
         rows = start_m + offs_m  # (BM,)
         row_ok = rows < SEQ_Q

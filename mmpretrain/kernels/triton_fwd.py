@@ -41,16 +41,17 @@ def _keep_mask(rows, cols, b, KPM, smb, smn, SEQ_Q, SEQ_K,
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KPM, b, rows, offs_n, offs_d, d_ok,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KPM, b, rows, offs_d, d_ok,
                sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K, lo, hi,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_KPM: tl.constexpr):
-    """Online-softmax update of (acc, l_i, m_i) over the key blocks in [lo, hi).
+               HAS_KPM: tl.constexpr, STAGES: tl.constexpr = None):
+    """Online-softmax update of (acc, l_i, m_i) over the key blocks of BLOCK_N in [lo, hi).
 
     MASKED applies the sequence-end, causal and padding masks; without it every key of these
     blocks must exist and be visible to every row that is stored (the caller's split).
     """
-    for start_n in range(lo, hi, BLOCK_N):
+    offs_n = tl.arange(0, BLOCK_N)  # (BN,)
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         cols = start_n + offs_n  # (BN,)
         kt_mask = d_ok[:, None]  # (BD, 1)
         v_mask = d_ok[None, :]  # (1, BD)
@@ -100,18 +101,21 @@ def _attn_fwd(
     sm_scale, H, SEQ_Q, SEQ_K,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    TAIL_N: tl.constexpr,
 ):
     """One program = one (batch*head, query block). Grid: (cdiv(Sq, BLOCK_M), B * H).
 
     Writes O (B, H, Sq, D) and LSE (B, H, Sq) fp32 (natural-log log-sum-exp of scaled scores).
     Interior key blocks run without masks; the causal band and the ragged tail with them.
+    Without causality or padding the ragged tail is one block of TAIL_N keys (`tail_block`);
+    causal and padded calls keep BLOCK_N there (TAIL_N is ignored): extra loops pushed the
+    masked backward kernels into register spills (sm_90, `bench attention --aot`).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
     h = pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    offs_n = tl.arange(0, BLOCK_N)  # (BN,)
     offs_d = tl.arange(0, BLOCK_D)  # (BD,)
     d_ok = offs_d < HEAD_D
     row_ok = rows < SEQ_Q
@@ -128,12 +132,17 @@ def _attn_fwd(
         # Key blocks past the last key visible to this query block are skipped entirely.
         hi = tl.minimum(SEQ_K, (pid_m + 1) * BLOCK_M + (SEQ_K - SEQ_Q))
     mid = _unmasked_end(pid_m, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KPM, b, rows, offs_n, offs_d,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KPM, b, rows, offs_d,
                                d_ok, sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K,
                                0, mid, BLOCK_N, False, CAUSAL, HAS_KPM)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KPM, b, rows, offs_n, offs_d,
-                               d_ok, sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K,
-                               mid, hi, BLOCK_N, True, CAUSAL, HAS_KPM)
+    if CAUSAL or HAS_KPM:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KPM, b, rows, offs_d,
+                                   d_ok, sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K,
+                                   mid, hi, BLOCK_N, True, CAUSAL, HAS_KPM)
+    else:  # what is left is the ragged tail, Sk % BLOCK_N keys: one TAIL_N block
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KPM, b, rows, offs_d,
+                                   d_ok, sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K,
+                                   mid, hi, TAIL_N, True, CAUSAL, HAS_KPM, 1)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # fully masked rows: acc = 0 -> O = 0
     out = acc / l_safe[:, None]  # (BM, BD)
     tl.store(O + b * sob + h * soh + rows[:, None] * sos + offs_d[None, :] * sod,
