@@ -223,6 +223,55 @@ def check_clip(out: str) -> dict:
     return result
 
 
+def check_repoint(out: str) -> dict:
+    """ZeRO-1 and ZeRO-2 in bf16: with the re-point check (engine/zero_repoint.py) DeepSpeed's
+    `_update_model_bit16_weights` never runs after the first step, the weights equal those of
+    a run without the check, and a parameter whose data is replaced mid-run (a copy outside
+    the flat buffer) is pointed back at its slice at the next step."""
+    import mmpretrain.engine.zero_repoint as zero_repoint
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    calls = []
+    original = DeepSpeedZeroOptimizer._update_model_bit16_weights
+
+    def counting(self, group_index):
+        calls.append(group_index)
+        return original(self, group_index)
+
+    result = {}
+    with _swapped(DeepSpeedZeroOptimizer, "_update_model_bit16_weights", counting):
+        for stage in (1, 2):
+            runs = {}
+            for who in ("check", "deepspeed"):
+                install = (lambda optimizer: False) if who == "deepspeed" else (
+                    zero_repoint.install_repoint_check)
+                with _swapped(zero_repoint, "install_repoint_check", install):
+                    t = _trainer(out, f"repoint_{stage}_{who}", f"engine.zero_stage={stage}",
+                                 "engine.precision=bf16", "data.batch_size=8")
+                t.run_steps(1)
+                calls.clear()
+                t.run_steps(2)
+                runs[who] = {"trainer": t, "calls": len(calls), "weights": {
+                    n: p.detach().clone() for n, p in t.engine.module.named_parameters()}}
+            t = runs["check"]["trainer"]
+            name, param = next(iter(t.engine.module.named_parameters()))
+            group = next(i for i, g in enumerate(t.optimizer.bit16_groups)
+                         if any(p is param for p in g))
+            param.data = param.data.clone()  # now outside the flat buffer
+            calls.clear()
+            t.run_steps(1)
+            flat = t.optimizer.bit16_groups_flat[group]
+            end = flat.data_ptr() + flat.numel() * flat.element_size()
+            ours, ds = runs["check"], runs["deepspeed"]
+            result[stage] = {
+                "calls_check": ours["calls"], "calls_deepspeed": ds["calls"],
+                "weights_equal": all(torch.equal(ours["weights"][n], w)
+                                     for n, w in ds["weights"].items()),
+                "moved_param": name, "moved_calls": calls.count(group),
+                "moved_back_inside": flat.data_ptr() <= param.data_ptr() < end}
+    return result
+
+
 def check_old_order(out: str, stage: str) -> dict:
     """Train 4 steps and checkpoint with the parameter order of before 2026-11-30 (the logit
     scale first in its group) as run 'run' under OUT_DIR, for `universal` to resume."""
@@ -277,7 +326,7 @@ if __name__ == "__main__":
     what, out_dir, *rest = sys.argv[1:]
     result = {"accum": check_accum, "zero3_init": check_zero3_init,
               "nonfinite": check_nonfinite, "universal": check_universal,
-              "align": check_align, "clip": check_clip,
+              "align": check_align, "clip": check_clip, "repoint": check_repoint,
               "old_order": check_old_order}[what](out_dir, *rest)
     if os.environ.get("RANK", "0") == "0":
         print("RESULT " + json.dumps(result), flush=True)

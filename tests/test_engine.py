@@ -91,6 +91,18 @@ def test_foreach_grad_norm_matches_deepspeed(tmp_path: Path) -> None:
         assert s["max_weight_diff"] < 1e-6, s
 
 
+def test_repoint_check_skips_only_what_changes_nothing(tmp_path: Path) -> None:
+    """ZeRO-1/2 bf16 on 2 ranks: DeepSpeed's per-step re-pointing of every parameter runs
+    once per group and step without the check, never with it, to the same weights; a
+    parameter moved out of the flat buffer is re-pointed at the next step."""
+    r = _check("repoint", tmp_path, nproc=2)
+    for stage in ("1", "2"):
+        s = r[stage]
+        assert s["calls_deepspeed"] == 2 * 2 and s["calls_check"] == 0, s  # 2 steps, 2 groups
+        assert s["weights_equal"], s
+        assert s["moved_calls"] == 1 and s["moved_back_inside"], s
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 3])
 def test_resume_with_the_old_parameter_order(tmp_path: Path, stage: int) -> None:

@@ -78,6 +78,7 @@ class Trainer:
         import deepspeed
 
         from mmpretrain.engine.zero_norm import install_foreach_grad_norm
+        from mmpretrain.engine.zero_repoint import install_repoint_check
 
         from mmpretrain import kernels
         from mmpretrain.data import build_train_stream, prepare_tokenizer
@@ -103,6 +104,7 @@ class Trainer:
             model=self.task, optimizer=optimizer, config=ds_cfg,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim))
         install_foreach_grad_norm(self.optimizer)  # ZeRO-1/2: one norm kernel, not ~900
+        install_repoint_check(self.optimizer)  # ZeRO-1/2: no per-step re-pointing of params
         self.stream = build_train_stream(cfg, self.tokenizer, self.rank, self.world)
         self.jsonl = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
         self.global_batch = cfg.data.batch_size * cfg.engine.grad_accum * self.world
