@@ -28,20 +28,24 @@ aot = pytest.importorskip("mmpretrain.kernels.aot")
 MAX_SPILL_BYTES = 32
 SPLIT = ["fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq"]
 FUSED = ["fwd", "bwd_preprocess", "bwd_fused"]
+# a ragged query tail that fits a smaller block: a second forward launch for it
+SPLIT_TAIL, FUSED_TAIL = ["fwd", *SPLIT], ["fwd", *FUSED]
 # (label, (B, H, Sq, Sk, D), dtype, causal, masked, packed, launched kernels): with fewer
 # (batch, head) programs than the 132 multiprocessors assumed, or long sequences, the backward
 # is split; at the model's batch sizes it is fused
 CASES = [
-    ("vit_b16", (2, 12, 197, 197, 64), torch.bfloat16, False, False, True, SPLIT),
+    ("vit_b16", (2, 12, 197, 197, 64), torch.bfloat16, False, False, True, SPLIT_TAIL),
     ("vit_b32_d32", (2, 16, 50, 50, 32), torch.bfloat16, False, False, True, SPLIT),
-    ("vit_h14_d80", (2, 16, 257, 257, 80), torch.bfloat16, False, False, True, SPLIT),
+    ("vit_h14_d80", (2, 16, 257, 257, 80), torch.bfloat16, False, False, True, SPLIT_TAIL),
     ("text_causal_padded", (2, 8, 77, 77, 64), torch.bfloat16, True, True, True, SPLIT),
     ("fusion_cross_padded", (2, 8, 76, 197, 64), torch.bfloat16, False, True, False, SPLIT),
     ("long_d128_fp16", (2, 16, 4096, 4096, 128), torch.float16, False, False, True, SPLIT),
-    ("vit_b16_b256", (256, 12, 197, 197, 64), torch.bfloat16, False, False, True, FUSED),
+    ("vit_b16_b256", (256, 12, 197, 197, 64), torch.bfloat16, False, False, True, FUSED_TAIL),
     ("vit_b32_d32_b512", (512, 16, 50, 50, 32), torch.bfloat16, False, False, True, FUSED),
-    ("vit_h14_d80_b64", (64, 16, 257, 257, 80), torch.bfloat16, False, False, True, FUSED),
-    ("vit_l14_336_b64", (64, 16, 577, 577, 64), torch.bfloat16, False, False, True, FUSED),
+    ("vit_h14_d80_b64", (64, 16, 257, 257, 80), torch.bfloat16, False, False, True,
+     FUSED_TAIL),
+    ("vit_l14_336_b64", (64, 16, 577, 577, 64), torch.bfloat16, False, False, True,
+     FUSED_TAIL),
     ("text_causal_padded_b512", (512, 8, 77, 77, 64), torch.bfloat16, True, True, True, FUSED),
     ("fusion_cross_padded_b64", (64, 8, 76, 197, 64), torch.bfloat16, False, True, False,
      FUSED),
@@ -70,13 +74,17 @@ def test_heuristic_launches_compile_for_hopper(label: str, shape: tuple, dtype: 
     launches = aot.capture_launches(*shape, dtype=dtype, causal=causal, masked=masked,
                                     packed=packed)
     assert [launch.name for launch in launches] == kernels
-    builds = {launch.name: aot.compile_launch(launch, 90) for launch in launches}
+    builds = {f"{launch.name}@{launch.kwargs['BLOCK_M']}": aot.compile_launch(launch, 90)
+              for launch in launches}
     for name, b in builds.items():
         assert b.constants["HEAD_D"] == shape[4] and b.constants.get("CAUSAL", causal) == causal
         assert 0 < b.registers <= 255, (name, b)
         assert b.shared_bytes <= aot.SMEM_LIMIT[90], (name, b)
         assert b.spill_stores + b.spill_loads <= MAX_SPILL_BYTES, (label, name, b)
-    assert all(builds[k].wgmma for k in kernels if k != "bwd_preprocess"), builds
+    # wgmma needs 64-row tiles: a 16-row forward tail runs on mma.sync
+    assert all(b.wgmma for k, b in builds.items()
+               if not k.startswith("bwd_preprocess") and b.constants["BLOCK_M"] >= 64
+               ), builds
 
 
 @pytest.mark.parametrize("seq, block, tail", [(197, 64, 16), (197, 32, 16), (257, 64, 16),
@@ -93,8 +101,11 @@ def test_ragged_tails_launch_small_tiles_unless_causal_or_padded() -> None:
     """ViT-B/16 (197 tokens): the forward's 32-key blocks and the fused backward's 64x64
     blocks leave 5 tokens, run as 16-wide tails; a causal padded text call keeps whole
     blocks (its kernels ignore the tails, so they are not specialised on them)."""
-    vit = {launch.name: launch.kwargs for launch in aot.capture_launches(256, 12, 197, 197, 64)}
-    assert (vit["fwd"]["BLOCK_N"], vit["fwd"]["TAIL_N"]) == (32, 16)
+    launches = aot.capture_launches(256, 12, 197, 197, 64)
+    fwd = [(a.kwargs["BLOCK_M"], a.args[a.fn.arg_names.index("ROW0")], a.kwargs["TAIL_N"])
+           for a in launches if a.name == "fwd"]
+    assert fwd == [(64, 0, 16), (16, 192, 16)]  # rows 0-191 in 64-blocks, 192-196 in one 16
+    vit = {launch.name: launch.kwargs for launch in launches}
     fused = vit["bwd_fused"]
     assert (fused["BLOCK_M"], fused["TAIL_M"], fused["BLOCK_N"], fused["TAIL_N"]) == (
         64, 16, 64, 16)
@@ -147,10 +158,11 @@ def test_arguments_are_specialised_as_the_jit_does() -> None:
 def test_tile_overrides_reach_the_compiled_kernel() -> None:
     from mmpretrain.kernels.attention_triton import Blocks
 
-    (fwd,) = aot.build_attention(2, 12, 197, 197, 64, tiles={"fwd": Blocks(64, 32, 4, 2)},
-                                 kernels=("fwd",))
+    fwd, tail = aot.build_attention(2, 12, 197, 197, 64, tiles={"fwd": Blocks(64, 32, 4, 2)},
+                                    kernels=("fwd",))
     assert (fwd.constants["BLOCK_M"], fwd.constants["BLOCK_N"]) == (64, 32)
-    assert (fwd.warps, fwd.stages) == (4, 2)
+    assert (tail.constants["BLOCK_M"], tail.constants["BLOCK_N"]) == (16, 32)  # rows 192-196
+    assert (fwd.warps, fwd.stages) == (tail.warps, tail.stages) == (4, 2)
 
 
 def test_interpreter_mode_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -307,14 +307,26 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tenso
     lse = torch.empty(batch, heads, sq, dtype=torch.float32, device=q.device)  # (B, H, Sq)
     block_d = _next_pow2(dim)
     cfg = _fwd_tiles(sq, block_d, _tiles.lookup(sq, sk, block_d, causal))
-    grid = ((sq + cfg.m - 1) // cfg.m, batch * heads)
     mask_t, smb, smn = _mask_launch_args(kpm, lse)
-    _attn_fwd[grid](
-        q, k, v, o, lse, mask_t, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smn,
-        scale, heads, sq, sk, HEAD_D=dim, BLOCK_M=cfg.m, BLOCK_N=cfg.n, BLOCK_D=block_d,
-        CAUSAL=causal, HAS_KPM=kpm is not None, TAIL_N=_tail(sk, cfg.n, causal, kpm),
-        num_warps=cfg.warps, num_stages=cfg.stages)
+    for block_m, row0, blocks in _query_launches(sq, cfg.m, causal, kpm):
+        _attn_fwd[(blocks, batch * heads)](
+            q, k, v, o, lse, mask_t, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb,
+            smn, scale, heads, sq, sk, row0, HEAD_D=dim, BLOCK_M=block_m, BLOCK_N=cfg.n,
+            BLOCK_D=block_d, CAUSAL=causal, HAS_KPM=kpm is not None,
+            TAIL_N=_tail(sk, cfg.n, causal, kpm), num_warps=cfg.warps, num_stages=cfg.stages)
     return o, lse
+
+
+def _query_launches(sq: int, block_m: int, causal: bool,
+                    kpm: torch.Tensor | None) -> list[tuple[int, int, int]]:
+    """The forward's launches as (BLOCK_M, first row, query blocks): one over every block, or
+    (a ragged tail that fits a smaller block: `_tail`) the whole blocks, then the tail rows in
+    one block of their own, so that ViT-B/16's last 5 of 197 rows cost a 16-row block, not 64."""
+    tail = _tail(sq, block_m, causal, kpm)
+    whole = sq // block_m
+    if tail == block_m:
+        return [(block_m, 0, (sq + block_m - 1) // block_m)]
+    return [(block_m, 0, whole)] * (whole > 0) + [(tail, whole * block_m, 1)]
 
 
 def _backward(saved: tuple, do: torch.Tensor, grads: tuple, kpm: torch.Tensor | None,

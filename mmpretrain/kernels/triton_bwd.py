@@ -239,7 +239,7 @@ def _attn_bwd_dq(
     hi = SEQ_K
     if CAUSAL:
         hi = tl.minimum(SEQ_K, (pid_m + 1) * BLOCK_M + (SEQ_K - SEQ_Q))
-    mid = _unmasked_end(pid_m, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM)
+    mid = _unmasked_end(pid_m * BLOCK_M, SEQ_Q, SEQ_K, BLOCK_N, CAUSAL, HAS_KPM)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KPM, b, rows, offs_d, d_ok,
                    sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K, 0, mid,
                    BLOCK_N, False, CAUSAL, HAS_KPM)

@@ -76,14 +76,15 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KPM, b, rows, offs_d, d_ok,
 
 
 @triton.jit
-def _unmasked_end(pid_m, SEQ_Q, SEQ_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _unmasked_end(first_row, SEQ_Q, SEQ_K, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
-    """Keys [0, end) form whole BLOCK_N blocks that every row of query block `pid_m` sees:
-    no sequence end inside, and (causal) all left of its first row's diagonal. 0 with a
-    padding mask. Also used by the dQ kernel, which walks the keys the same way."""
+    """Keys [0, end) form whole BLOCK_N blocks that every row of the query block starting at
+    `first_row` sees: no sequence end inside, and (causal) all left of its first row's
+    diagonal. 0 with a padding mask. Also used by the dQ kernel, which walks the keys the same
+    way."""
     end = (SEQ_K // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        seen = tl.maximum(pid_m * BLOCK_M + (SEQ_K - SEQ_Q) + 1, 0)  # keys the first row sees
+        seen = tl.maximum(first_row + (SEQ_K - SEQ_Q) + 1, 0)  # keys the first row sees
         end = tl.minimum(end, (seen // BLOCK_N) * BLOCK_N)
     if HAS_KPM:
         end = 0
@@ -98,12 +99,14 @@ def _attn_fwd(
     svb, svh, svs, svd,
     sob, soh, sos, sod,
     smb, smn,
-    sm_scale, H, SEQ_Q, SEQ_K,
+    sm_scale, H, SEQ_Q, SEQ_K, ROW0,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     TAIL_N: tl.constexpr,
 ):
-    """One program = one (batch*head, query block). Grid: (cdiv(Sq, BLOCK_M), B * H).
+    """One program = one (batch*head, query block); the blocks start at query row ROW0.
+    Grid: (query blocks, B * H): cdiv(Sq, BLOCK_M) from row 0, or (a ragged query tail,
+    `_forward`) the whole blocks, then one more launch for the tail rows in a smaller block.
 
     Writes O (B, H, Sq, D) and LSE (B, H, Sq) fp32 (natural-log log-sum-exp of scaled scores).
     Interior key blocks run without masks; the causal band and the ragged tail with them.
@@ -115,7 +118,8 @@ def _attn_fwd(
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
     h = pid_bh % H
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    first = ROW0 + pid_m * BLOCK_M  # this block's first query row
+    rows = first + tl.arange(0, BLOCK_M)  # (BM,)
     offs_d = tl.arange(0, BLOCK_D)  # (BD,)
     d_ok = offs_d < HEAD_D
     row_ok = rows < SEQ_Q
@@ -130,8 +134,8 @@ def _attn_fwd(
     hi = SEQ_K
     if CAUSAL:
         # Key blocks past the last key visible to this query block are skipped entirely.
-        hi = tl.minimum(SEQ_K, (pid_m + 1) * BLOCK_M + (SEQ_K - SEQ_Q))
-    mid = _unmasked_end(pid_m, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM)
+        hi = tl.minimum(SEQ_K, first + BLOCK_M + (SEQ_K - SEQ_Q))
+    mid = _unmasked_end(first, SEQ_Q, SEQ_K, BLOCK_N, CAUSAL, HAS_KPM)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KPM, b, rows, offs_d,
                                d_ok, sks, skd, svs, svd, smb, smn, qk_scale, SEQ_Q, SEQ_K,
                                0, mid, BLOCK_N, False, CAUSAL, HAS_KPM)
