@@ -87,7 +87,8 @@ def test_bench_without_cuda_exits_cleanly() -> None:
 # ---------------------------------------------------------------- GPU (skipped without CUDA)
 
 GPU_SHAPES = [  # (B, H, Sq, Sk, D, causal, padded)
-    (8, 12, 197, 197, 64, False, False),  # ViT-B/16
+    (8, 12, 197, 197, 64, False, False),  # ViT-B/16: 5-row/key ragged tails (16-wide blocks)
+    (4, 16, 257, 257, 64, False, False),  # ViT-L/14: 1-row tails
     (16, 8, 77, 77, 64, True, True),  # text tower, causal with padding
     (4, 8, 77, 257, 64, False, True),  # cross-attention
     (4, 8, 197, 197, 80, True, False),
