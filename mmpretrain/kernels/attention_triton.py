@@ -37,6 +37,7 @@ from typing import Iterator
 import torch
 
 from mmpretrain.kernels import tiles as _tiles
+from mmpretrain.kernels.tiles import _next_pow2, _query_launches, _tail, tail_block  # noqa: F401
 
 logger = logging.getLogger("mmpretrain.kernels")
 
@@ -153,29 +154,6 @@ def tile_override(fwd: _Blocks | None = None, bwd_kv: _Blocks | None = None,
         yield
     finally:
         _override.update(previous)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(4, (x - 1).bit_length())  # at least 16 (tl.dot minimum)
-
-
-def tail_block(seq: int, block: int) -> int:
-    """The block size the kernels use for the `seq % block` positions after the last whole
-    `block`: the next power of two >= 16 that holds them (`block` when nothing is left over).
-
-    A ragged last block otherwise costs a whole tile: ViT-B/16's 197 tokens in 64-blocks are
-    3 whole blocks and 5 tokens, so 256 positions per side and 1.69x the useful score tiles
-    in the backward's (query block, key block) pairs; with a 16-wide tail 208 per side, 1.11x.
-    """
-    rest = seq % block
-    return block if rest == 0 else min(block, _next_pow2(rest))
-
-
-def _tail(seq: int, block: int, causal: bool, kpm: torch.Tensor | None) -> int:
-    """TAIL_M / TAIL_N of a launch: `tail_block`, except for causal or padded calls, whose
-    kernels ignore it (their masked loops keep whole blocks); `block` there, so they compile
-    once per tile, as before."""
-    return block if causal or kpm is not None else tail_block(seq, block)
 
 
 def _fwd_blocks(sq: int, block_d: int) -> _Blocks:
@@ -315,18 +293,6 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tenso
             BLOCK_D=block_d, CAUSAL=causal, HAS_KPM=kpm is not None,
             TAIL_N=_tail(sk, cfg.n, causal, kpm), num_warps=cfg.warps, num_stages=cfg.stages)
     return o, lse
-
-
-def _query_launches(sq: int, block_m: int, causal: bool,
-                    kpm: torch.Tensor | None) -> list[tuple[int, int, int]]:
-    """The forward's launches as (BLOCK_M, first row, query blocks): one over every block, or
-    (a ragged tail that fits a smaller block: `_tail`) the whole blocks, then the tail rows in
-    one block of their own, so that ViT-B/16's last 5 of 197 rows cost a 16-row block, not 64."""
-    tail = _tail(sq, block_m, causal, kpm)
-    whole = sq // block_m
-    if tail == block_m:
-        return [(block_m, 0, (sq + block_m - 1) // block_m)]
-    return [(block_m, 0, whole)] * (whole > 0) + [(tail, whole * block_m, 1)]
 
 
 def _backward(saved: tuple, do: torch.Tensor, grads: tuple, kpm: torch.Tensor | None,

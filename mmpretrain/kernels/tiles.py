@@ -6,6 +6,9 @@ split backward and the fused backward per benchmark shape and marks the fastest 
 table keyed by (Sq, Sk, head-dim block, causal); `attention_triton` then launches, for calls of
 a matching shape, the measured tiles, and the backward plan that was faster, where no
 `tile_override` is set. Other shapes keep the built-in heuristics. The table is process-wide.
+
+Also here, the geometry of ragged sequence tails (`tail_block`, `_query_launches`): the
+positions after the last whole block of a tile run in a smaller block of their own.
 """
 from __future__ import annotations
 
@@ -77,8 +80,6 @@ def load_tile_table(path: str | Path) -> dict[TileKey, TileChoice]:
 
 
 def _key(shape: tuple) -> TileKey:
-    from mmpretrain.kernels.attention_triton import _next_pow2
-
     _, _, sq, sk, dim, causal = shape
     return sq, sk, _next_pow2(dim), bool(causal)
 
@@ -112,3 +113,38 @@ def _choice(path: Path, shape: str, recs: dict[str, dict]) -> TileChoice:
     faster = fused is not None and (split is None
                                     or recs["bwd_fused"]["ms"] < recs["bwd"]["ms"])
     return TileChoice(fwd, split, fused, faster)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(4, (x - 1).bit_length())  # at least 16 (tl.dot minimum)
+
+
+def tail_block(seq: int, block: int) -> int:
+    """The block size the kernels use for the `seq % block` positions after the last whole
+    `block`: the next power of two >= 16 that holds them (`block` when nothing is left over).
+
+    A ragged last block otherwise costs a whole tile: ViT-B/16's 197 tokens in 64-blocks are
+    3 whole blocks and 5 tokens, so 256 positions per side and 1.69x the useful score tiles
+    in the backward's (query block, key block) pairs; with a 16-wide tail 208 per side, 1.11x.
+    """
+    rest = seq % block
+    return block if rest == 0 else min(block, _next_pow2(rest))
+
+
+def _tail(seq: int, block: int, causal: bool, kpm: object | None) -> int:
+    """TAIL_M / TAIL_N of a launch: `tail_block`, except for causal or padded calls, whose
+    kernels ignore it (their masked loops keep whole blocks); `block` there, so they compile
+    once per tile, as before."""
+    return block if causal or kpm is not None else tail_block(seq, block)
+
+
+def _query_launches(sq: int, block_m: int, causal: bool,
+                    kpm: object | None) -> list[tuple[int, int, int]]:
+    """The forward's launches as (BLOCK_M, first row, query blocks): one over every block, or
+    (a ragged tail that fits a smaller block: `_tail`) the whole blocks, then the tail rows in
+    one block of their own, so that ViT-B/16's last 5 of 197 rows cost a 16-row block, not 64."""
+    tail = _tail(sq, block_m, causal, kpm)
+    whole = sq // block_m
+    if tail == block_m:
+        return [(block_m, 0, (sq + block_m - 1) // block_m)]
+    return [(block_m, 0, whole)] * (whole > 0) + [(tail, whole * block_m, 1)]
