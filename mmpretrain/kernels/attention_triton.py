@@ -17,9 +17,9 @@ True = attend, fully masked rows -> 0 output and 0 grads, scale defaults to D **
   of `kernels/ops.py` (one graph node for the forward, one for the backward; same launches).
 * On CPU the kernels run only under Triton's interpreter (`TRITON_INTERPRET=1` set before
   triton is imported); there bf16 `tl.dot` is wrong (Triton 3.9), fp16/fp32 are correct.
-* Ragged tails: without causality or padding, the keys after the last whole key block (and,
-  in the fused backward, the query rows after the last whole query block) run as one block of
-  `tail_block` (16 for ViT's 197 = 3 x 64 + 5 tokens) instead of a whole tile.
+* Ragged tails: without causality or padding, the keys after the last whole key block (and
+  the forward's query rows after its last whole query block, in a launch of their own) run as
+  one block of `tail_block` (16 for ViT's 197 = 3 x 64 + 5 tokens) instead of a whole tile.
 * Tiles: `tile_override` / `set_tile_override` (the sweep in `kernels/bench.py`), else the
   loaded tile table's measured tiles for the call's shape (`kernels/tiles.py`), else the
   `_fwd_blocks` / `_bwd_blocks` / `_fused_blocks` heuristics (32x32 under the interpreter).
@@ -353,7 +353,7 @@ def _launch_bwd_split(ins: tuple, grads: tuple, kpm: torch.Tensor | None, causal
     _attn_bwd_dkdv[((sk + kv_cfg.n - 1) // kv_cfg.n, batch * heads)](
         q, k, v, do, dk, dv, lse, delta, mask_t, *q.stride(), *k.stride(), *v.stride(),
         *do.stride(), *dk.stride(), *dv.stride(), smb, smn, scale, heads, sq, sk,
-        BLOCK_M=kv_cfg.m, BLOCK_N=kv_cfg.n, TAIL_M=kv_cfg.m,  # no query tail: see the kernel
+        BLOCK_M=kv_cfg.m, BLOCK_N=kv_cfg.n,
         num_warps=kv_cfg.warps, num_stages=kv_cfg.stages, **common)
     _attn_bwd_dq[((sq + q_cfg.m - 1) // q_cfg.m, batch * heads)](
         q, k, v, do, dq, lse, delta, mask_t, *q.stride(), *k.stride(), *v.stride(),
@@ -384,7 +384,7 @@ def _launch_bwd_fused(ins: tuple, grads: tuple, kpm: torch.Tensor | None, causal
         q, k, v, do, dq, dk, dv, dq_acc, lse, delta, mask_t, *q.stride(), *k.stride(),
         *v.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(), smb, smn, scale,
         heads, sq, k.shape[2], HEAD_D=dim, BLOCK_M=cfg.m, BLOCK_N=cfg.n, BLOCK_D=block_d,
-        CAUSAL=causal, HAS_KPM=kpm is not None, TAIL_M=_tail(sq, cfg.m, causal, kpm),
+        CAUSAL=causal, HAS_KPM=kpm is not None,
         TAIL_N=_tail(k.shape[2], cfg.n, causal, kpm), num_warps=cfg.warps, num_stages=cfg.stages)
 
 

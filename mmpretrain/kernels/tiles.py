@@ -124,8 +124,8 @@ def tail_block(seq: int, block: int) -> int:
     `block`: the next power of two >= 16 that holds them (`block` when nothing is left over).
 
     A ragged last block otherwise costs a whole tile: ViT-B/16's 197 tokens in 64-blocks are
-    3 whole blocks and 5 tokens, so 256 positions per side and 1.69x the useful score tiles
-    in the backward's (query block, key block) pairs; with a 16-wide tail 208 per side, 1.11x.
+    3 whole blocks and 5 tokens, so the last block computes 64 positions for 5; a 16-wide
+    tail block, 16.
     """
     rest = seq % block
     return block if rest == 0 else min(block, _next_pow2(rest))

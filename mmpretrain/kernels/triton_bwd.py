@@ -121,13 +121,10 @@ def _dkdv_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KP
                 sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd, sdos, sdod, smb, smn,
                 sm_scale, SEQ_Q, SEQ_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_KPM: tl.constexpr, ACC_DQ: tl.constexpr, TAIL_M: tl.constexpr,
-                STAGES: tl.constexpr = None):
+                HAS_KPM: tl.constexpr, ACC_DQ: tl.constexpr, STAGES: tl.constexpr = None):
     """Key block [start_n, start_n + BN): dK, dV over the query rows that see it, stored;
-    with ACC_DQ (fused backward) dQ rows are accumulated at `acc_base` too. Without causality
-    or padding, and with TAIL_M < BLOCK_M, the query rows after the last whole BLOCK_M block
-    run in blocks of TAIL_M (`STAGES`: the software pipelining of the whole blocks' loop;
-    None: the launch's)."""
+    with ACC_DQ (fused backward) dQ rows are accumulated at `acc_base` too (`STAGES`: the
+    software pipelining of the loop over query blocks; None: the launch's)."""
     cols = start_n + tl.arange(0, BLOCK_N)  # (BN,)
     kv_mask = (cols[:, None] < SEQ_K) & d_ok[None, :]  # (BN, BD)
     k = tl.load(K + b * skb + h * skh + cols[:, None] * sks + offs_d[None, :] * skd,
@@ -143,21 +140,10 @@ def _dkdv_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KP
         lo = (lo // BLOCK_M) * BLOCK_M
         if ACC_DQ:  # the first key block visits every row: it writes all of the dQ buffer
             lo = tl.where(start_n == 0, 0, lo)
-    if CAUSAL or HAS_KPM or TAIL_M == BLOCK_M:
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
-                             offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn,
-                             sm_scale * LOG2E, SEQ_Q, SEQ_K, lo, SEQ_Q, acc_base, start_n,
-                             BLOCK_M, BLOCK_D, MASKED, CAUSAL, HAS_KPM, ACC_DQ, STAGES)
-    else:  # whole query blocks, then the ragged tail, Sq % BLOCK_M rows, in TAIL_M blocks
-        tail = (SEQ_Q // BLOCK_M) * BLOCK_M
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
-                             offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn,
-                             sm_scale * LOG2E, SEQ_Q, SEQ_K, lo, tail, acc_base, start_n,
-                             BLOCK_M, BLOCK_D, MASKED, CAUSAL, HAS_KPM, ACC_DQ, STAGES)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
-                             offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn,
-                             sm_scale * LOG2E, SEQ_Q, SEQ_K, tail, SEQ_Q, acc_base, start_n,
-                             TAIL_M, BLOCK_D, MASKED, CAUSAL, HAS_KPM, ACC_DQ, 1)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, KPM, b, pid_bh, cols,
+                         offs_d, d_ok, sqs, sqd, sdos, sdod, smb, smn,
+                         sm_scale * LOG2E, SEQ_Q, SEQ_K, lo, SEQ_Q, acc_base, start_n,
+                         BLOCK_M, BLOCK_D, MASKED, CAUSAL, HAS_KPM, ACC_DQ, STAGES)
     tl.store(DK + b * sdkb + h * sdkh + cols[:, None] * sdks + offs_d[None, :] * sdkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * sdvb + h * sdvh + cols[:, None] * sdvs + offs_d[None, :] * sdvd,
@@ -180,11 +166,8 @@ def _attn_bwd_dkdv(
     sm_scale, H, SEQ_Q, SEQ_K,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    TAIL_M: tl.constexpr,
 ):
     """dK, dV for one key block of one (batch, head). Grid: (cdiv(Sk, BLOCK_N), B * H).
-    The launch passes TAIL_M = BLOCK_M (one query loop): with a second loop for a query tail
-    ptxas spilled ~140 bytes per thread at 32x128 (sm_90), and 32-row blocks waste little.
 
     Masks matter only to causal or padded attention: rows past Sq and keys past Sk add
     nothing to the dK/dV that are stored (`_dkdv_inner`). One loop either way: splitting the
@@ -199,7 +182,7 @@ def _attn_bwd_dkdv(
                 offs_d, offs_d < HEAD_D, skb, skh,
                 sks, skd, svb, svh, svs, svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd,
                 sqs, sqd, sdos, sdod, smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N,
-                BLOCK_D, CAUSAL or HAS_KPM, CAUSAL, HAS_KPM, False, TAIL_M)
+                BLOCK_D, CAUSAL or HAS_KPM, CAUSAL, HAS_KPM, False)
 
 
 @triton.jit
@@ -270,7 +253,7 @@ def _attn_bwd_fused(
     sm_scale, H, SEQ_Q, SEQ_K,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+    TAIL_N: tl.constexpr,
 ):
     """dQ, dK, dV of one whole (batch, head) in one pass. Grid: (B * H,).
 
@@ -290,16 +273,16 @@ def _attn_bwd_fused(
     do_base = DO + b * sdob + h * sdoh
     acc_base = DQ_ACC + pid_bh.to(tl.int64) * SEQ_Q * BLOCK_D
     # Causal or padded: every key block runs with masks. Otherwise whole key blocks run
-    # unmasked (each with its ragged query rows in TAIL_M blocks) and the ragged key tail is
-    # one masked block of TAIL_N keys, whose query rows all run in BLOCK_M blocks, without
-    # software pipelining (sm_90: any other split of that block spilled registers).
+    # unmasked and the ragged key tail as one masked block of TAIL_N keys (its query loop not
+    # software-pipelined). A query tail in smaller blocks as well spilled ~200 bytes per thread
+    # under Triton 3.6 (sm_90), so every key block walks the queries in whole BLOCK_M blocks.
     if CAUSAL or HAS_KPM:
         for start_n in range(0, SEQ_K, BLOCK_N):
             _dkdv_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b,
                         h, pid_bh, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs,
                         svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd, sdos,
                         sdod, smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N, BLOCK_D, True,
-                        CAUSAL, HAS_KPM, True, BLOCK_M)
+                        CAUSAL, HAS_KPM, True)
     else:
         whole = (SEQ_K // BLOCK_N) * BLOCK_N
         for start_n in range(0, whole, BLOCK_N):
@@ -307,13 +290,13 @@ def _attn_bwd_fused(
                         h, pid_bh, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs,
                         svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd, sdos,
                         sdod, smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M, BLOCK_N, BLOCK_D, False,
-                        CAUSAL, HAS_KPM, True, TAIL_M)
+                        CAUSAL, HAS_KPM, True)
         for start_n in range(whole, SEQ_K, TAIL_N):
             _dkdv_block(start_n, K, V, DK, DV, q_base, do_base, acc_base, LSE, DELTA, KPM, b,
                         h, pid_bh, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs,
                         svd, sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, sqs, sqd, sdos,
                         sdod, smb, smn, sm_scale, SEQ_Q, SEQ_K, BLOCK_M, TAIL_N, BLOCK_D, True,
-                        CAUSAL, HAS_KPM, True, BLOCK_M, 1)
+                        CAUSAL, HAS_KPM, True, 1)
     for start_m in range(0, SEQ_Q, BLOCK_M):
         rows = start_m + offs_m  # (BM,)
         row_ok = rows < SEQ_Q
