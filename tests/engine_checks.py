@@ -41,6 +41,18 @@ def _trainer(out: str, name: str, *overrides: str):
     return Trainer(cfg)
 
 
+def _ours_and_deepspeeds(module: Any, install: str, out: str, name: str, *overrides: str
+                         ) -> dict[str, Any]:
+    """Two trainers of one config: "ours" built with `module.install` (one of our DeepSpeed
+    patches) as it is, "deepspeed" with it a no-op (DeepSpeed's own code)."""
+    trainers = {}
+    for who in ("ours", "deepspeed"):
+        patch = getattr(module, install) if who == "ours" else (lambda optimizer: False)
+        with _swapped(module, install, patch):
+            trainers[who] = _trainer(out, f"{name}_{who}", *overrides)
+    return trainers
+
+
 def _grab_grads(trainer) -> dict[str, torch.Tensor]:
     """Wrap engine.step so the averaged gradients are copied at the accumulation boundary."""
     grads: dict[str, torch.Tensor] = {}
@@ -198,22 +210,20 @@ def check_clip(out: str) -> dict:
     result = {}
     for stage in (1, 2):
         runs = {}
-        for who in ("foreach", "deepspeed"):
-            install = (lambda optimizer: False) if who == "deepspeed" else (
-                zero_norm.install_foreach_grad_norm)
-            with _swapped(zero_norm, "install_foreach_grad_norm", install):
-                t = _trainer(out, f"clip_{stage}_{who}", f"engine.zero_stage={stage}",
-                             "optim.grad_clip=0.05", "optim.steps=4", "logging.log_every=1",
-                             "checkpoint.every=0", "checkpoint.save_final=false",
-                             "data.batch_size=8")
-                t.train()
+        trainers = _ours_and_deepspeeds(
+            zero_norm, "install_foreach_grad_norm", out, f"clip_{stage}",
+            f"engine.zero_stage={stage}", "optim.grad_clip=0.05", "optim.steps=4",
+            "logging.log_every=1", "checkpoint.every=0", "checkpoint.save_final=false",
+            "data.batch_size=8")
+        for who, t in trainers.items():
+            t.train()
             lines = (t.run_dir / "metrics.jsonl").read_text().splitlines() if t.rank == 0 else []
             method = getattr(t.engine.optimizer.get_grad_norm_direct, "__func__", None)
             runs[who] = {"weights": {n: p.detach().clone() for n, p in
                                      t.engine.module.named_parameters()},
                          "norms": [json.loads(x)["grad_norm"] for x in lines if "grad_norm" in x],
                          "installed": method is zero_norm._foreach_grad_norm}
-        ours, ds = runs["foreach"], runs["deepspeed"]
+        ours, ds = runs["ours"], runs["deepspeed"]
         scale = max(w.abs().max().item() for w in ds["weights"].values())
         result[stage] = {
             "max_weight_diff": max((ours["weights"][n] - w).abs().max().item()
@@ -242,18 +252,16 @@ def check_repoint(out: str) -> dict:
     with _swapped(DeepSpeedZeroOptimizer, "_update_model_bit16_weights", counting):
         for stage in (1, 2):
             runs = {}
-            for who in ("check", "deepspeed"):
-                install = (lambda optimizer: False) if who == "deepspeed" else (
-                    zero_repoint.install_repoint_check)
-                with _swapped(zero_repoint, "install_repoint_check", install):
-                    t = _trainer(out, f"repoint_{stage}_{who}", f"engine.zero_stage={stage}",
-                                 "engine.precision=bf16", "data.batch_size=8")
+            trainers = _ours_and_deepspeeds(
+                zero_repoint, "install_repoint_check", out, f"repoint_{stage}",
+                f"engine.zero_stage={stage}", "engine.precision=bf16", "data.batch_size=8")
+            for who, t in trainers.items():
                 t.run_steps(1)
                 calls.clear()
                 t.run_steps(2)
-                runs[who] = {"trainer": t, "calls": len(calls), "weights": {
+                runs[who] = {"calls": len(calls), "weights": {
                     n: p.detach().clone() for n, p in t.engine.module.named_parameters()}}
-            t = runs["check"]["trainer"]
+            t = trainers["ours"]
             name, param = next(iter(t.engine.module.named_parameters()))
             group = next(i for i, g in enumerate(t.optimizer.bit16_groups)
                          if any(p is param for p in g))
@@ -262,7 +270,7 @@ def check_repoint(out: str) -> dict:
             t.run_steps(1)
             flat = t.optimizer.bit16_groups_flat[group]
             end = flat.data_ptr() + flat.numel() * flat.element_size()
-            ours, ds = runs["check"], runs["deepspeed"]
+            ours, ds = runs["ours"], runs["deepspeed"]
             result[stage] = {
                 "calls_check": ours["calls"], "calls_deepspeed": ds["calls"],
                 "weights_equal": all(torch.equal(ours["weights"][n], w)
