@@ -146,7 +146,7 @@ quick() {
     "${common[@]}" --model vit_b32 --batch 512 --compare open_clip engine.compile=true
   step 130 "bench train vit_l14 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
     "${common[@]}" --model vit_l14 --batch 128 --compare open_clip engine.compile=true
-  grep -E "^==|^precompile|compiled while|samples/s|ratio|ms |^(vit|text)|profile mm|^ +(phase|forward|backward|optimizer|other) |^device idle" "$log" \
+  grep -E "^==|^precompile|compiled while|samples/s|ratio|ms |^(vit|text)|profile mm|^ +(phase|forward|backward|optimizer|other) |^device idle|^ +[0-9.]+ ms  " "$log" \
     | tail -120
 }
 
