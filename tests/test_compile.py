@@ -102,15 +102,27 @@ def test_compile_mode_reaches_every_block(monkeypatch: pytest.MonkeyPatch) -> No
     from mmpretrain.engine.compile import compile_blocks
     from mmpretrain.model import build_model
 
-    calls: list[dict] = []
-    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    from mmpretrain.model.layers import LayerNorm
+
+    calls: list[tuple[str, dict]] = []
+    monkeypatch.setattr(nn.Module, "compile",
+                        lambda self, **kw: calls.append((type(self).__name__, kw)))
     cfg = load_config(None, ["model.size=coca_tiny", "engine.compile=true",
                              "engine.compile_mode=reduce-overhead"])
-    n = compile_blocks(build_model(cfg.model), cfg.engine.compile_mode)
-    assert n == 4 + 4 + 2 and calls == [{"dynamic": False, "mode": "reduce-overhead"}] * n
+    model = build_model(cfg.model)
+    n = compile_blocks(model, cfg.engine.compile_mode)
+    blocks = [kw for name, kw in calls if name != "LayerNorm"]
+    norms = [kw for name, kw in calls if name == "LayerNorm"]
+    assert blocks == [{"dynamic": False, "mode": "reduce-overhead"}] * (4 + 4 + 2)
+    # ln_pre, ln_post, ln_final and the CoCa head's own: the LayerNorms no block holds
+    outside = {"visual.ln_pre", "visual.ln_post", "text.ln_final"}
+    named = {n for n, m in model.named_modules() if isinstance(m, LayerNorm)
+             and ".blocks." not in n}
+    assert outside <= named and len(norms) == len(named) and n == len(calls)
+    assert norms == [{"dynamic": False, "mode": None}] * len(norms)  # no CUDA graphs for them
     calls.clear()
     compile_blocks(build_model(cfg.model))
-    assert calls == [{"dynamic": False, "mode": None}] * n  # torch.compile's default
+    assert [kw for _, kw in calls] == [{"dynamic": False, "mode": None}] * n  # the default
 
 
 def test_compile_mode_needs_compile_and_a_known_mode() -> None:
