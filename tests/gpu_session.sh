@@ -129,7 +129,7 @@ step() {
 quick() {
   log="$OUT/quick.txt"
   : > "$log"
-  step 70 "kernel parity (bf16, fp16; split and fused backward)" $py -m pytest -q -m gpu \
+  step 90 "kernel parity (bf16, fp16; split and fused backward)" $py -m pytest -q -m gpu \
     -p no:cacheprovider -k "not training" tests/test_attention_triton.py  # on/off run: `check`
   # the default tiles (chosen from the 2026-11-30 H200 sweep; `tiles` sweeps again); the
   # Triton kernels are first compiled in parallel (--precompile-workers)
