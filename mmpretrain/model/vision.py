@@ -44,8 +44,8 @@ class PatchEmbed(nn.Conv2d):
         p = self.kernel_size[0]
         gh, gw = h // p, w // p
         patches = images.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)  # (B,gh,gw,C,p,p)
-        patches = patches.reshape(b, gh * gw, c * p * p)  # (B, N, C*p*p), channel-major like
-        weight = self.weight.reshape(self.out_channels, -1)  # (width, C*p*p)      the kernel
+        patches = patches.reshape(b, gh * gw, c * p * p)  # (B, N, C*p*p), the kernel's order
+        weight = self.weight.reshape(self.out_channels, -1)  # (width, C*p*p)
         return F.linear(patches, weight, self.bias)  # (B, N, width)
 
 
