@@ -97,7 +97,7 @@ def _run_case(override: dict, dtype: torch.dtype, packed: bool) -> dict:
     ref = _reference(q, k, v, do, True, kpm)
     errs = {n: _rel_err(x, r) for n, x, r in zip(("out", "dq", "dk", "dv"), (out, *grads), ref)}
     return {"calls": calls, "errs": errs,
-            "restored": at._override == dict.fromkeys(at._OVERRIDE_KEYS)}
+            "restored": at._override == dict.fromkeys(at._tiles._OVERRIDE_KEYS)}
 
 
 def _interpreter_main() -> int:
@@ -196,7 +196,7 @@ def test_override_state_and_restore() -> None:
         with tile_override():  # nested, all None: the heuristics again
             assert at._fwd_tiles(197, 64) == at._fwd_blocks(197, 64)
         assert at._fwd_tiles(197, 64) == fwd
-    assert at._override == dict.fromkeys(at._OVERRIDE_KEYS)
+    assert at._override == dict.fromkeys(at._tiles._OVERRIDE_KEYS)
     previous = set_tile_override(bwd_kv=Blocks(16, 32))
     try:
         assert at._bwd_tiles(128)[0] == Blocks(16, 32)
@@ -218,7 +218,7 @@ def test_backward_plan_choice() -> None:
         assert not at._use_fused(197, 197, 3072, 132)
     with pytest.raises(ValueError, match="bwd_fused .* excludes"):
         set_tile_override(bwd_kv=Blocks(32, 64), bwd_fused=Blocks(32, 64))
-    assert at._override == dict.fromkeys(at._OVERRIDE_KEYS)
+    assert at._override == dict.fromkeys(at._tiles._OVERRIDE_KEYS)
 
 
 @pytest.mark.usefixtures("no_interpreter")

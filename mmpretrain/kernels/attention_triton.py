@@ -27,17 +27,16 @@ True = attend, fully masked rows -> 0 output and 0 grads, scale defaults to D **
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
-from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
 from mmpretrain.kernels import tiles as _tiles
-from mmpretrain.kernels.tiles import _next_pow2, _query_launches, _tail, tail_block  # noqa: F401
+from mmpretrain.kernels.tiles import (VALID_WARPS, Blocks, _Blocks, _override,  # noqa: F401
+                                      _next_pow2, _query_launches, _tail, _validate_blocks,
+                                      set_tile_override, tail_block, tile_override)
 
 logger = logging.getLogger("mmpretrain.kernels")
 
@@ -90,70 +89,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         f"triton attention needs a CUDA device (got {q.device.type}); on CPU it only runs "
         "under Triton's interpreter: set TRITON_INTERPRET=1 before importing triton, or use "
         "model.attention=auto|sdpa|reference")
-
-
-@dataclass(frozen=True)
-class _Blocks:
-    """Tile sizes and launch options of one kernel."""
-
-    m: int
-    n: int
-    warps: int = 4
-    stages: int = 2
-
-
-Blocks = _Blocks  # public name, for `tile_override` callers
-VALID_WARPS = (1, 2, 4, 8, 16)
-_OVERRIDE_KEYS = ("fwd", "bwd_kv", "bwd_q", "bwd_fused")
-_override: dict[str, _Blocks | None] = dict.fromkeys(_OVERRIDE_KEYS)
-_POW2 = (lambda v: v >= 16 and v & (v - 1) == 0, "a power of two >= 16 (tl.dot minimum)")
-_CHECKS = {"m": _POW2, "n": _POW2, "warps": (lambda v: v in VALID_WARPS, f"one of {VALID_WARPS}"),
-           "stages": (lambda v: v >= 1, "an int >= 1")}
-
-
-def _validate_blocks(name: str, blocks: object) -> None:
-    """Raise ValueError naming the bad field (e.g. `fwd.m`) unless `blocks` is launchable."""
-    if not isinstance(blocks, _Blocks):
-        raise ValueError(f"tile override {name} must be a Blocks(m, n, warps, stages) or None, "
-                         f"got {type(blocks).__name__}")
-    for field, (ok, what) in _CHECKS.items():
-        val = getattr(blocks, field)
-        if isinstance(val, bool) or not isinstance(val, int) or not ok(val):
-            raise ValueError(f"tile override {name}.{field} must be {what}, got {val!r}")
-
-
-def set_tile_override(fwd: _Blocks | None = None, bwd_kv: _Blocks | None = None,
-                      bwd_q: _Blocks | None = None,
-                      bwd_fused: _Blocks | None = None) -> dict[str, _Blocks | None]:
-    """Replace the tile heuristics: `fwd` (forward), `bwd_kv` (dK/dV kernel: n = key block,
-    m = inner query block), `bwd_q` (dQ kernel and the delta preprocess: m = query block) of
-    the split backward, or `bwd_fused` (the one-pass backward: n = key block, m = query block).
-
-    Setting `bwd_kv` or `bwd_q` forces the split backward, `bwd_fused` the fused one (not both:
-    ValueError). None restores the heuristic for that kernel. All are validated before any is
-    set (ValueError naming the field). Returns the previous overrides (to restore them later).
-    """
-    new = dict(zip(_OVERRIDE_KEYS, (fwd, bwd_kv, bwd_q, bwd_fused)))
-    for name in (n for n, b in new.items() if b is not None):
-        _validate_blocks(name, new[name])
-    if bwd_fused is not None and (bwd_kv is not None or bwd_q is not None):
-        raise ValueError("tile override: bwd_fused (fused backward) excludes bwd_kv / bwd_q "
-                         "(split backward); set one plan")
-    previous = dict(_override)
-    _override.update(new)
-    return previous
-
-
-@contextlib.contextmanager
-def tile_override(fwd: _Blocks | None = None, bwd_kv: _Blocks | None = None,
-                  bwd_q: _Blocks | None = None,
-                  bwd_fused: _Blocks | None = None) -> Iterator[None]:
-    """`set_tile_override` inside a `with` block (forward and backward); restores on exit."""
-    previous = set_tile_override(fwd, bwd_kv, bwd_q, bwd_fused)
-    try:
-        yield
-    finally:
-        _override.update(previous)
 
 
 def _fwd_blocks(sq: int, block_d: int) -> _Blocks:

@@ -12,16 +12,79 @@ positions after the last whole block of a tile run in a smaller block of their o
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # attention_triton imports this module
-    from mmpretrain.kernels.attention_triton import Blocks
+from typing import Iterator
 
 logger = logging.getLogger("mmpretrain.kernels")
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Tile sizes and launch options of one kernel."""
+
+    m: int
+    n: int
+    warps: int = 4
+    stages: int = 2
+
+
+Blocks = _Blocks  # public name, for `tile_override` callers
+VALID_WARPS = (1, 2, 4, 8, 16)
+_OVERRIDE_KEYS = ("fwd", "bwd_kv", "bwd_q", "bwd_fused")
+_override: dict[str, _Blocks | None] = dict.fromkeys(_OVERRIDE_KEYS)
+_POW2 = (lambda v: v >= 16 and v & (v - 1) == 0, "a power of two >= 16 (tl.dot minimum)")
+_CHECKS = {"m": _POW2, "n": _POW2, "warps": (lambda v: v in VALID_WARPS, f"one of {VALID_WARPS}"),
+           "stages": (lambda v: v >= 1, "an int >= 1")}
+
+
+def _validate_blocks(name: str, blocks: object) -> None:
+    """Raise ValueError naming the bad field (e.g. `fwd.m`) unless `blocks` is launchable."""
+    if not isinstance(blocks, _Blocks):
+        raise ValueError(f"tile override {name} must be a Blocks(m, n, warps, stages) or None, "
+                         f"got {type(blocks).__name__}")
+    for field, (ok, what) in _CHECKS.items():
+        val = getattr(blocks, field)
+        if isinstance(val, bool) or not isinstance(val, int) or not ok(val):
+            raise ValueError(f"tile override {name}.{field} must be {what}, got {val!r}")
+
+
+def set_tile_override(fwd: _Blocks | None = None, bwd_kv: _Blocks | None = None,
+                      bwd_q: _Blocks | None = None,
+                      bwd_fused: _Blocks | None = None) -> dict[str, _Blocks | None]:
+    """Replace the tile heuristics: `fwd` (forward), `bwd_kv` (dK/dV kernel: n = key block,
+    m = inner query block), `bwd_q` (dQ kernel and the delta preprocess: m = query block) of
+    the split backward, or `bwd_fused` (the one-pass backward: n = key block, m = query block).
+
+    Setting `bwd_kv` or `bwd_q` forces the split backward, `bwd_fused` the fused one (not both:
+    ValueError). None restores the heuristic for that kernel. All are validated before any is
+    set (ValueError naming the field). Returns the previous overrides (to restore them later).
+    """
+    new = dict(zip(_OVERRIDE_KEYS, (fwd, bwd_kv, bwd_q, bwd_fused)))
+    for name in (n for n, b in new.items() if b is not None):
+        _validate_blocks(name, new[name])
+    if bwd_fused is not None and (bwd_kv is not None or bwd_q is not None):
+        raise ValueError("tile override: bwd_fused (fused backward) excludes bwd_kv / bwd_q "
+                         "(split backward); set one plan")
+    previous = dict(_override)
+    _override.update(new)
+    return previous
+
+
+@contextlib.contextmanager
+def tile_override(fwd: _Blocks | None = None, bwd_kv: _Blocks | None = None,
+                  bwd_q: _Blocks | None = None,
+                  bwd_fused: _Blocks | None = None) -> Iterator[None]:
+    """`set_tile_override` inside a `with` block (forward and backward); restores on exit."""
+    previous = set_tile_override(fwd, bwd_kv, bwd_q, bwd_fused)
+    try:
+        yield
+    finally:
+        _override.update(previous)
+
 
 TileKey = tuple[int, int, int, bool]  # (Sq, Sk, BLOCK_D, causal)
 
@@ -86,8 +149,6 @@ def _key(shape: tuple) -> TileKey:
 
 def _blocks(path: Path, shape: str, name: str, cfg: object) -> Blocks:
     """A validated Blocks from a record's config entry."""
-    from mmpretrain.kernels.attention_triton import Blocks, _validate_blocks
-
     try:
         blocks = Blocks(**cfg)  # type: ignore[arg-type]
     except TypeError as e:
