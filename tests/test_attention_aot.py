@@ -28,11 +28,13 @@ aot = pytest.importorskip("mmpretrain.kernels.aot")
 MAX_SPILL_BYTES = 32
 SPLIT = ["fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq"]
 FUSED = ["fwd", "bwd_preprocess", "bwd_fused"]
+RESIDENT = ["fwd", "bwd_resident"]  # computes delta itself: no preprocess launch
 # a ragged query tail that fits a smaller block: a second forward launch for it
-SPLIT_TAIL, FUSED_TAIL = ["fwd", *SPLIT], ["fwd", *FUSED]
+SPLIT_TAIL, FUSED_TAIL, RESIDENT_TAIL = ["fwd", *SPLIT], ["fwd", *FUSED], ["fwd", *RESIDENT]
 # (label, (B, H, Sq, Sk, D), dtype, causal, masked, packed, launched kernels): with fewer
 # (batch, head) programs than the 132 multiprocessors assumed, or long sequences, the backward
-# is split; at the model's batch sizes it is fused
+# is split; at the model's batch sizes it is fused, resident (every query row in one block)
+# where Sq <= 256 and D <= 64
 CASES = [
     ("vit_b16", (2, 12, 197, 197, 64), torch.bfloat16, False, False, True, SPLIT_TAIL),
     ("vit_b32_d32", (2, 16, 50, 50, 32), torch.bfloat16, False, False, True, SPLIT),
@@ -40,15 +42,18 @@ CASES = [
     ("text_causal_padded", (2, 8, 77, 77, 64), torch.bfloat16, True, True, True, SPLIT),
     ("fusion_cross_padded", (2, 8, 76, 197, 64), torch.bfloat16, False, True, False, SPLIT),
     ("long_d128_fp16", (2, 16, 4096, 4096, 128), torch.float16, False, False, True, SPLIT),
-    ("vit_b16_b256", (256, 12, 197, 197, 64), torch.bfloat16, False, False, True, FUSED_TAIL),
-    ("vit_b32_d32_b512", (512, 16, 50, 50, 32), torch.bfloat16, False, False, True, FUSED),
+    ("vit_b16_b256", (256, 12, 197, 197, 64), torch.bfloat16, False, False, True,
+     RESIDENT_TAIL),
+    ("vit_b32_d32_b512", (512, 16, 50, 50, 32), torch.bfloat16, False, False, True, RESIDENT),
     ("vit_h14_d80_b64", (64, 16, 257, 257, 80), torch.bfloat16, False, False, True,
      FUSED_TAIL),
     ("vit_l14_336_b64", (64, 16, 577, 577, 64), torch.bfloat16, False, False, True,
      FUSED_TAIL),
-    ("text_causal_padded_b512", (512, 8, 77, 77, 64), torch.bfloat16, True, True, True, FUSED),
+    ("text_causal_padded_b512", (512, 8, 77, 77, 64), torch.bfloat16, True, True, True,
+     RESIDENT),
     ("fusion_cross_padded_b64", (64, 8, 76, 197, 64), torch.bfloat16, False, True, False,
-     FUSED),
+     RESIDENT),
+    ("vit_l14_b128", (128, 16, 257, 257, 64), torch.bfloat16, False, False, True, FUSED_TAIL),
 ]
 
 
@@ -98,14 +103,20 @@ def test_tail_block_is_the_smallest_tile_holding_the_rest(seq: int, block: int,
 
 
 def test_ragged_tails_launch_small_tiles_unless_causal_or_padded() -> None:
-    """ViT-B/16 (197 tokens): the forward's 64x32 tiles and the fused backward's 64-key blocks
-    leave 5 queries / keys, run as 16-wide tails (the forward's query tail in a launch of its
-    own); a causal padded text call keeps whole blocks (its kernels ignore the tails, so they
-    are not specialised on them)."""
+    """ViT-B/16 (197 tokens): the forward's 64x32 tiles and the backward's 32-key (resident)
+    or 64-key (fused) blocks leave 5 queries / keys, run as 16-wide tails (the forward's query
+    tail in a launch of its own); a causal padded text call keeps whole blocks (its kernels
+    ignore the tails, so they are not specialised on them)."""
+    from mmpretrain.kernels.attention_triton import Blocks, tile_override
+
     launches = aot.capture_launches(256, 12, 197, 197, 64)
     fwd = [(a.kwargs["BLOCK_M"], a.args[a.fn.arg_names.index("ROW0")], a.kwargs["TAIL_N"])
            for a in launches if a.name == "fwd"]
     assert fwd == [(64, 0, 16), (16, 192, 16)]  # rows 0-191 in 64-blocks, 192-196 in one 16
+    resident = {launch.name: launch.kwargs for launch in launches}["bwd_resident"]
+    assert (resident["BLOCK_M"], resident["BLOCK_N"], resident["TAIL_N"]) == (256, 32, 16)
+    with tile_override(bwd_fused=Blocks(64, 64, 4, 2)):
+        launches = aot.capture_launches(256, 12, 197, 197, 64)
     fused = {launch.name: launch.kwargs for launch in launches}["bwd_fused"]
     assert (fused["BLOCK_M"], fused["BLOCK_N"], fused["TAIL_N"]) == (64, 64, 16)
     split = {launch.name: launch.kwargs for launch in aot.capture_launches(2, 12, 197, 197, 64)}
@@ -113,7 +124,7 @@ def test_ragged_tails_launch_small_tiles_unless_causal_or_padded() -> None:
     text = {launch.name: launch.kwargs
             for launch in aot.capture_launches(512, 8, 77, 77, 64, causal=True, masked=True)}
     assert text["fwd"]["TAIL_N"] == text["fwd"]["BLOCK_N"]
-    assert text["bwd_fused"]["TAIL_N"] == text["bwd_fused"]["BLOCK_N"]
+    assert text["bwd_resident"]["TAIL_N"] == text["bwd_resident"]["BLOCK_N"]
 
 
 def test_launches_compile_for_ampere() -> None:
@@ -204,9 +215,9 @@ def test_precompile_fills_the_cache_a_launch_reads() -> None:
                                  torch.bfloat16, 90, 132)
     assert [dict(j.tiles) for j in jobs] == [{}, plan_override("triton_split", 64, 90)]
     report = precompile.precompile(jobs, workers=2)
-    assert report["failed"] == 0 and report["kernels"] == 3 + 4, report  # fused, then split
-    # fwd shared; preprocess twice (its query block follows the plan); fused, dK/dV, dQ
-    assert report["cache_entries_added"] == 6, report
+    assert report["failed"] == 0 and report["kernels"] == 2 + 4, report  # resident, split
+    # fwd shared; the resident backward; the split plan's preprocess, dK/dV, dQ
+    assert report["cache_entries_added"] == 5, report
     before = precompile.cache_entries()
     for job in jobs:
         with tile_override(**dict(job.tiles)):
@@ -250,7 +261,7 @@ def test_model_jobs_are_the_towers_packed_launches() -> None:
                                                (256, 8, 77, 77, 64, True, False)]
     assert all(j.packed and j.table == "" and j.tiles == () for j in jobs)
     done, _, error = precompile.compile_job(jobs[1])
-    assert error == "" and done == 3  # fwd, preprocess, fused backward (B*H >= 132 SMs)
+    assert error == "" and done == 2  # fwd, resident backward (B*H >= 132 SMs, Sq <= 256)
 
 
 def test_sweep_jobs_cover_every_candidate() -> None:
@@ -258,7 +269,7 @@ def test_sweep_jobs_cover_every_candidate() -> None:
 
     jobs = precompile.sweep_jobs(["vit_b16", "long"], torch.bfloat16, 90, 132)
     by_shape = {s: [j for j in jobs if j.shape == s] for s in ("vit_b16", "long")}
-    for shape, block_d, fused in (("vit_b16", 64, 16), ("long", 128, 0)):
+    for shape, block_d, fused in (("vit_b16", 64, 22), ("long", 128, 0)):  # 6 resident
         kinds = [j.kernels for j in by_shape[shape]]
         assert kinds.count(("fwd",)) == len(bench.fwd_candidates(bench.SHAPES[shape][2],
                                                                   block_d))

@@ -224,9 +224,17 @@ def test_backward_plan_choice() -> None:
 @pytest.mark.usefixtures("no_interpreter")
 def test_fused_tiles_by_architecture() -> None:
     """Hopper with D <= 64: 64x64 in 2 stages (no spills compiled for sm_90; the H200
-    sweep's best); otherwise 32x64 on 8 warps (64x64 spills ~170 bytes on sm_80)."""
+    sweep's best), or the resident tile where Sq fits one block; otherwise 32x64 on 8 warps
+    (64x64 spills ~170 bytes on sm_80)."""
     assert at._fused_blocks(64, 90) == Blocks(64, 64, 4, 2)
     assert at._fused_blocks(64, 80) == at._fused_blocks(128, 90) == Blocks(32, 64, 8, 1)
+    # given Sq: every query row in one block where it fits (the resident kernel)
+    assert at._fused_blocks(64, 90, 197) == Blocks(256, 32, 8, 2)  # ViT-B/16
+    assert at._fused_blocks(64, 90, 77) == Blocks(128, 32, 8, 2)  # text
+    assert at._fused_blocks(32, 90, 50) == Blocks(64, 32, 4, 2)  # ViT-B/32
+    assert at._fused_blocks(64, 90, 257) == Blocks(64, 64, 4, 2)  # ViT-L/14: 512 rows, no
+    assert at._fused_blocks(128, 90, 197) == at._fused_blocks(64, 80, 197) == \
+        Blocks(32, 64, 8, 1)  # D > 64 or before Hopper: no resident tile
     # the forward for D <= 64: 64x32, 4 warps, 3 stages (the H200 sweep's best geometric mean)
     assert at._fwd_blocks(197, 64) == at._fwd_blocks(77, 32) == Blocks(64, 32, 4, 3)
 
@@ -267,6 +275,27 @@ def test_fused_candidates(block_d: int, count: int) -> None:
         assert bench.fused_fits(b, block_d)
     assert not bench.fused_fits(Blocks(128, 128, 4, 1), 64)  # 320 fp32 values per thread
     assert not bench.fused_fits(Blocks(128, 128, 8, 2), 128)  # 256 KiB of shared memory
+
+
+@pytest.mark.usefixtures("no_interpreter")
+def test_resident_candidates_and_plan() -> None:
+    """Given Sq, the fused candidates add the resident tiles (query block = next_pow2(Sq)),
+    judged with Q and dO resident in shared memory; `triton_resident` forces the heuristic's
+    resident tile and refuses a shape that has none."""
+    fused = bench.fused_candidates(64, sq=197)
+    resident = [b for b in fused if b.m >= 197]
+    assert fused[0] == Blocks(256, 32, 8, 2) and len(fused) == len(set(fused)) == 22
+    assert {b.m for b in resident} == {256} and len(resident) == 6
+    assert all(bench.fused_fits(b, 64, sq=197) for b in fused)
+    # the same tile as a query-blocked one streams Q/dO stages, as a resident one K/V stages
+    assert bench.fused_fits(Blocks(256, 64, 8, 2), 64, sq=197)
+    assert bench.fused_candidates(64, sq=257) == bench.fused_candidates(64)  # 512 rows: none
+    assert bench.plan_override("triton_resident", 64, 90, 77) == {
+        "bwd_fused": Blocks(128, 32, 8, 2)}
+    assert bench.plan_override("triton_fused", 64, 90, 77) == {"bwd_fused": Blocks(64, 64, 4, 2)}
+    for sq, dim in ((257, 64), (197, 80)):
+        with pytest.raises(ValueError, match="no resident tile"):
+            bench.plan_override("triton_resident", dim, 90, sq)
 
 
 def test_fits_prunes_what_cannot_fit() -> None:

@@ -46,6 +46,9 @@ CASES = [
 # The fused backward (one program per (batch, head)); the heuristic picks the split one for
 # these few heads. CASES and PACKED_CASES run under both.
 FUSED = {"bwd_fused": Blocks(32, 32)}
+# The fused plan's tile with every query row in one block (m >= Sq): the resident kernel
+# (dQ in registers, delta computed in the kernel). Every case of CASES and PACKED_CASES fits.
+RESIDENT = {"bwd_fused": Blocks(256, 32, 8, 2)}
 # The GPU tile heuristics (the interpreter's default is 32x32): unequal query and key blocks
 # move the split between unmasked and masked blocks. Run on TILE_CASES, which span several
 # 128-blocks with and without causality and never a padding mask (which masks everything).
@@ -58,6 +61,8 @@ TILE_SETS = {
               "bwd_q": Blocks(64, 64, 4, 2)},
     "fused_hopper_d64": {"fwd": Blocks(64, 32, 4, 3), "bwd_fused": Blocks(64, 64, 4, 2)},
     "fused_32x64": {"fwd": Blocks(64, 64, 4, 2), "bwd_fused": Blocks(32, 64, 8, 1)},
+    # resident: 300 rows in one 512-row block; 32-key blocks leave tails of 16 (s197), 32
+    "resident_512x32": {"fwd": Blocks(64, 32, 4, 3), "bwd_fused": Blocks(512, 32, 8, 2)},
 }
 TILE_CASES = [
     ("s300_causal", 1, 1, 300, 300, 32, True, None),
@@ -164,6 +169,21 @@ def check_extreme_scores(dtype: torch.dtype, tiles: dict, suffix: str) -> list[s
     return failed
 
 
+def _count_launches(name: str) -> list[int]:
+    """Count launches of the backward kernel `name` (a one-element list, updated in place),
+    so that a plan silently not taken fails the test."""
+    from mmpretrain.kernels import triton_bwd
+
+    kernel, count = getattr(triton_bwd, name), [0]
+
+    class Counted:
+        def __getitem__(self, grid: tuple):  # noqa: ANN204
+            count[0] += 1
+            return kernel[grid]
+    setattr(triton_bwd, name, Counted())
+    return count
+
+
 def main(argv: list[str]) -> int:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     dtype_name = argv[0]
@@ -174,7 +194,8 @@ def main(argv: list[str]) -> int:
     # shows up as a NaN gradient.
     at._dq_accumulator = lambda *args: torch.full(args[:3], float("nan"), device=args[3])
     runs = []
-    for label, tiles in (("", {}), ("@fused", FUSED)):
+    resident = _count_launches("_attn_bwd_resident")
+    for label, tiles in (("", {}), ("@fused", FUSED), ("@resident", RESIDENT)):
         runs += [((case[0] + label, *case[1:]), False, tiles) for case in CASES]
         runs += [((case[0] + label, *case[1:]), True, tiles) for case in PACKED_CASES]
     runs += [((f"{case[0]}@{tiles}", *case[1:]), False, TILE_SETS[tiles])
@@ -191,9 +212,11 @@ def main(argv: list[str]) -> int:
               + " ".join(f"{k}={e:.1e}" for k, e in errs.items())
               + f" {time.perf_counter() - start:.1f}s" + (" FAIL" if bad else ""),
               flush=True)
-    failed += check_extreme_scores(dtype, {}, "") + check_extreme_scores(dtype, FUSED, "@fused")
+    for tiles, suffix in (({}, ""), (FUSED, "@fused"), (RESIDENT, "@resident")):
+        failed += check_extreme_scores(dtype, tiles, suffix)
     print(json.dumps({"dtype": dtype_name, "max_err": worst, "tolerance": tol,
-                      "cases": len(runs), "failed": failed}))
+                      "cases": len(runs), "resident_launches": resident[0],
+                      "failed": failed}))
     return 1 if failed else 0
 
 

@@ -32,9 +32,10 @@ from mmpretrain.kernels.attention_triton import (Blocks, _backward, _forward, _g
                                                  _packed_grad, _unpack, interpreter_enabled,
                                                  tile_override)
 
-KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq", "bwd_fused")
+KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq", "bwd_fused", "bwd_resident")
 # the kernels a sweep candidate (keyed by its first tile_override key) compiles
-_SWEPT = {"fwd": ("fwd",), "bwd_kv": ("bwd_dkdv", "bwd_dq"), "bwd_fused": ("bwd_fused",)}
+_SWEPT = {"fwd": ("fwd",), "bwd_kv": ("bwd_dkdv", "bwd_dq"),
+          "bwd_fused": ("bwd_fused", "bwd_resident")}
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # opt-in bytes per block
 _PTXAS_USE = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -89,7 +90,8 @@ def _capturing() -> Iterator[list[Launch]]:
     targets = {"fwd": (triton_fwd, "_attn_fwd"),
                "bwd_preprocess": (triton_bwd, "_attn_bwd_preprocess"),
                "bwd_dkdv": (triton_bwd, "_attn_bwd_dkdv"), "bwd_dq": (triton_bwd, "_attn_bwd_dq"),
-               "bwd_fused": (triton_bwd, "_attn_bwd_fused")}
+               "bwd_fused": (triton_bwd, "_attn_bwd_fused"),
+               "bwd_resident": (triton_bwd, "_attn_bwd_resident")}
     sink: list[Launch] = []
     saved = {name: getattr(mod, attr) for name, (mod, attr) in targets.items()}
     try:
@@ -273,7 +275,7 @@ def aot_table(shape_names: list[str], arch: int = 90, dtype: torch.dtype = torch
             configs += [{"bwd_kv": kv, "bwd_q": q}
                         for kv, q in bwd_candidates(block_d, elt, arch)]
             if max(sq, sk) <= FUSED_MAX_SEQ:
-                configs += [{"bwd_fused": b} for b in fused_candidates(block_d, elt, arch)]
+                configs += [{"bwd_fused": b} for b in fused_candidates(block_d, elt, arch, sq)]
         for tiles in configs:
             kernels = KERNELS if not tiles else _SWEPT[next(iter(tiles))]
             for build in build_attention(batch, heads, sq, sk, dim, arch=arch, dtype=dtype,
@@ -291,8 +293,8 @@ def format_table(records: list[dict]) -> str:
     for r in records:
         cfg = r["config"]
         kind = next((k for k in ("fwd", "bwd_fused") if cfg and cfg.get(k)), "bwd")
-        label = r["shape"] + ("" if cfg is None else " " + config_label({"kernel": kind,
-                                                                         "config": cfg}))
+        label = r["shape"] + ("" if cfg is None else " " + config_label(
+            {"kernel": kind, "config": cfg, "shape": r["shape"]}))
         fields = {k: v for k, v in r.items() if k not in ("shape", "config")}
         rows.append((label, KernelBuild(**fields)))
     return format_builds(rows)

@@ -8,7 +8,8 @@ True = attend, fully masked rows -> 0 output and 0 grads, scale defaults to D **
 * The forward saves only O and the per-row log-sum-exp (fp32, (B, H, Sq)); the backward
   recomputes the probabilities (kernels in `triton_fwd.py` / `triton_bwd.py`), either split
   (a dK/dV kernel and a dQ kernel, each recomputing them) or fused (one program per
-  (batch, head) computing them once; `_use_fused`: short sequences, enough heads).
+  (batch, head) computing them once; `_use_fused`: short sequences, enough heads). A fused
+  tile whose query block holds all Sq rows launches the resident kernel (dQ in registers).
 * Inputs are read through their strides: `attention_packed_triton` takes the (B, S, 3, H, D)
   output of a fused QKV projection and never copies q, k or v; its backward writes dq/dk/dv
   straight into one (B, S, 3, H, D) gradient. Outputs are allocated (B, S, H, D)-contiguous
@@ -135,16 +136,33 @@ FUSED_MAX_SEQ = 1024
 """Longest Sq and Sk the heuristic sends to the fused backward (one program per head)."""
 
 
-def _fused_blocks(block_d: int, arch: int = 90) -> _Blocks:
-    """Fused backward tiles (n = key block, m = query block). Chosen among the tiles ptxas
-    compiles without spills (`bench attention --aot --sweep`): with Hopper's wgmma a 64x64
-    tile for D <= 64, 2 stages (the H200 sweep, 2026-11-30: 2-13% faster than 1 stage on all
-    four issue shapes, the best geometric mean); 32 queries x 64 keys otherwise (64x64 spills
-    ~170 bytes per thread on sm_80; untimed)."""
+RESIDENT_MAX_M = 256
+"""Largest query block the heuristic gives the resident backward (dQ in registers)."""
+
+
+def _resident_blocks(sq: int, block_d: int) -> _Blocks | None:
+    """The resident backward's tile for Sq queries (every row in one block of m >= Sq, 32-key
+    blocks; 8 warps from 128 rows), or None past RESIDENT_MAX_M rows or D > 64: there its fp32
+    dQ of m x D would not fit the registers. sm_90, `bench attention --aot`: ViT-B/16's
+    256 x 32 tile uses 255 registers, text's 128 x 32 on 8 warps 128, neither spills (Triton
+    3.6 and 3.9)."""
+    rows = _next_pow2(max(sq, 64))
+    if rows > RESIDENT_MAX_M or block_d > 64:
+        return None
+    return _Blocks(rows, 32, warps=8 if rows >= 128 else 4, stages=2)
+
+
+def _fused_blocks(block_d: int, arch: int = 90, sq: int | None = None) -> _Blocks:
+    """Fused backward tiles (n = key block, m = query block; m >= Sq launches the resident
+    kernel). With Hopper's wgmma and D <= 64: given `sq`, the resident tile where it fits
+    (`_resident_blocks`; a prediction until timed: the same padded work as the 64 x 64 tile,
+    without its dQ buffer traffic and reloads), else 64 x 64, 2 stages (the H200 sweep,
+    2026-11-30: 2-13% faster than 1 stage on all four issue shapes, the best geometric mean).
+    Otherwise 32 queries x 64 keys (64x64 spills ~170 bytes per thread on sm_80; untimed)."""
     if interpreter_enabled():
         return _Blocks(32, 32)
     if block_d <= 64 and arch >= 90:
-        return _Blocks(64, 64, warps=4, stages=2)
+        return (sq is not None and _resident_blocks(sq, block_d)) or _Blocks(64, 64, 4, 2)
     return _Blocks(32, 64, warps=8, stages=1)
 
 
@@ -233,7 +251,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tenso
 def _backward(saved: tuple, do: torch.Tensor, grads: tuple, kpm: torch.Tensor | None,
               causal: bool, scale: float) -> None:
     """Launch the backward, writing into grads = (dq, dk, dv) (any strides): the fused or
-    the split plan (`_use_fused`), after the delta preprocess."""
+    the split plan (`_use_fused`) after the delta preprocess, or, when the fused tile's query
+    block holds every query row, the resident kernel (which computes delta itself)."""
     from mmpretrain.kernels.triton_bwd import _attn_bwd_preprocess
 
     q, k, v, o, lse = saved
@@ -244,15 +263,20 @@ def _backward(saved: tuple, do: torch.Tensor, grads: tuple, kpm: torch.Tensor | 
     fused = _use_fused(sq, k.shape[2], batch * heads, device_sms(q.device), choice)
     if fused:
         cfgs = (_override["bwd_fused"] or (choice and choice.fused)
-                or _fused_blocks(block_d, arch),)
+                or _fused_blocks(block_d, arch, sq),)
     else:
         cfgs = _bwd_tiles(block_d, arch, choice)
+    resident = fused and cfgs[0].m >= sq
+    _log_plan("resident" if resident else "fused" if fused else "split", cfgs, q.shape,
+              k.shape[2], causal)
+    if resident:
+        _launch_bwd_resident((q, k, v, o, do, lse), grads, kpm, causal, scale, cfgs[0])
+        return
     delta = torch.empty_like(lse)  # (B, H, Sq) fp32
     block_m = cfgs[-1].m  # the query block of the dQ (or fused) kernel
     _attn_bwd_preprocess[((sq + block_m - 1) // block_m, batch * heads)](
         o, do, delta, *o.stride(), *do.stride(), heads, sq,
         HEAD_D=dim, BLOCK_M=block_m, BLOCK_D=block_d)
-    _log_plan(fused, cfgs, q.shape, k.shape[2], causal)
     launch = _launch_bwd_fused if fused else _launch_bwd_split
     launch((q, k, v, do, lse, delta), grads, kpm, causal, scale, cfgs)
 
@@ -260,17 +284,16 @@ def _backward(saved: tuple, do: torch.Tensor, grads: tuple, kpm: torch.Tensor | 
 _logged_plans: set[tuple] = set()
 
 
-def _log_plan(fused: bool, cfgs: tuple, q_shape: torch.Size, sk: int, causal: bool) -> None:
+def _log_plan(plan: str, cfgs: tuple, q_shape: torch.Size, sk: int, causal: bool) -> None:
     """Log the backward plan and tiles once per (plan, tiles, shape, causal)."""
-    key = (fused, cfgs, tuple(q_shape), sk, causal)
+    key = (plan, cfgs, tuple(q_shape), sk, causal)
     if key in _logged_plans:
         return
     _logged_plans.add(key)
     batch, heads, sq, dim = q_shape
     tiles = " + ".join(f"{c.m}x{c.n} w{c.warps} s{c.stages}" for c in cfgs)
     logger.info("triton attention backward: %s plan (%s) for B*H=%d Sq=%d Sk=%d D=%d%s",
-                "fused" if fused else "split", tiles, batch * heads, sq, sk, dim,
-                " causal" if causal else "")
+                plan, tiles, batch * heads, sq, sk, dim, " causal" if causal else "")
 
 
 def _launch_bwd_split(ins: tuple, grads: tuple, kpm: torch.Tensor | None, causal: bool,
@@ -321,6 +344,25 @@ def _launch_bwd_fused(ins: tuple, grads: tuple, kpm: torch.Tensor | None, causal
         heads, sq, k.shape[2], HEAD_D=dim, BLOCK_M=cfg.m, BLOCK_N=cfg.n, BLOCK_D=block_d,
         CAUSAL=causal, HAS_KPM=kpm is not None,
         TAIL_N=_tail(k.shape[2], cfg.n, causal, kpm), num_warps=cfg.warps, num_stages=cfg.stages)
+
+
+def _launch_bwd_resident(ins: tuple, grads: tuple, kpm: torch.Tensor | None, causal: bool,
+                         scale: float, cfg: _Blocks) -> None:
+    """One program per (batch, head), every query row in one block of cfg.m >= Sq: dQ in
+    registers, each key block's dK and dV finished in one step (`_attn_bwd_resident`)."""
+    from mmpretrain.kernels.triton_bwd import _attn_bwd_resident
+
+    q, k, v, o, do, lse = ins
+    dq, dk, dv = grads
+    batch, heads, sq, dim = q.shape
+    sk = k.shape[2]
+    mask_t, smb, smn = _mask_launch_args(kpm, lse)
+    _attn_bwd_resident[(batch * heads,)](
+        q, k, v, o, do, dq, dk, dv, lse, mask_t, *q.stride(), *k.stride(), *v.stride(),
+        *o.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(), smb, smn, scale,
+        heads, sq, sk, HEAD_D=dim, BLOCK_M=cfg.m, BLOCK_N=cfg.n, BLOCK_D=_next_pow2(dim),
+        CAUSAL=causal, HAS_KPM=kpm is not None, TAIL_N=_tail(sk, cfg.n, causal, kpm),
+        num_warps=cfg.warps, num_stages=cfg.stages)
 
 
 def _grads_bhsd(q: torch.Tensor, k: torch.Tensor,

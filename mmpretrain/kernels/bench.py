@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from mmpretrain.kernels.attention_triton import (Blocks, _bwd_blocks, _fused_blocks,
-                                                 _fwd_blocks, _next_pow2, device_arch)
+                                                 _fwd_blocks, _next_pow2, _resident_blocks,
+                                                 device_arch)
 
 # name -> (B, H, Sq, Sk, D, causal)
 SHAPES: dict[str, tuple[int, int, int, int, int, bool]] = {
@@ -29,10 +30,12 @@ SHAPES: dict[str, tuple[int, int, int, int, int, bool]] = {
     "text_causal": (512, 8, 77, 77, 64, True),
     "long": (8, 16, 4096, 4096, 128, False),
 }
-IMPLS = ("triton", "triton_split", "triton_fused", "sdpa_flash", "sdpa_cudnn",
-         "sdpa_efficient", "flex")
-# `triton` backward plan as the heuristic picks it (`_use_fused`); these force one
-TRITON_PLANS = ("triton_split", "triton_fused")
+IMPLS = ("triton", "triton_split", "triton_fused", "triton_resident", "sdpa_flash",
+         "sdpa_cudnn", "sdpa_efficient", "flex")
+# `triton`: the backward plan and tiles the heuristic picks; these force one plan:
+# split, fused with its query-blocked tile (64 x 64 on Hopper), fused with every query row
+# in one block (the resident kernel; Sq <= 256, D <= 64)
+TRITON_PLANS = ("triton_split", "triton_fused", "triton_resident")
 COPIES = 4  # input sets rotated between timed runs
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -77,15 +80,21 @@ def make_impl(name: str, causal: bool, sq: int, sk: int, device: torch.device) -
     raise ValueError(f"unknown implementation {name!r}; choose from {IMPLS}")
 
 
-def plan_override(name: str, dim: int, arch: int) -> dict[str, Blocks]:
+def plan_override(name: str, dim: int, arch: int, sq: int = 0) -> dict[str, Blocks]:
     """`tile_override` kwargs that force `name`'s backward plan with its heuristic tiles
-    ({} for every other implementation)."""
+    ({} for every other implementation). `triton_resident` needs `sq` (the query length) and
+    raises ValueError where the resident kernel has no tile (Sq > 256 or D > 64)."""
     block_d = _next_pow2(dim)
     if name == "triton_split":
         kv, q = _bwd_blocks(block_d, arch)
         return {"bwd_kv": kv, "bwd_q": q}
     if name == "triton_fused":
         return {"bwd_fused": _fused_blocks(block_d, arch)}
+    if name == "triton_resident":
+        tile = _resident_blocks(sq, block_d)
+        if tile is None:
+            raise ValueError(f"no resident tile for Sq={sq}, D={dim} (Sq <= 256, D <= 64)")
+        return {"bwd_fused": tile}
     return {}
 
 
@@ -132,7 +141,8 @@ def bench_one(name: str, shape_name: str, dtype: torch.dtype, warmup: int,
 
         fn = make_impl(name, shape[5], shape[2], shape[3], torch.device("cuda"))
         sets = _inputs(shape, dtype)
-        with tile_override(**plan_override(name, shape[4], device_arch(sets[0][0].device))):
+        with tile_override(**plan_override(name, shape[4], device_arch(sets[0][0].device),
+                                           shape[2])):
             with torch.no_grad():
                 fwd = _time_ms(lambda s: fn(*s[:3]), sets, warmup, iters)
             fwd_bwd = _time_ms(
@@ -202,6 +212,7 @@ BWD_PAIRS = (((32, 64), (64, 32)), ((32, 128), (128, 32)), ((64, 64), (64, 64)),
              ((64, 128), (128, 64)))  # (dK/dV (m, n), dQ (m, n)) tiles
 BWD_WARPS, BWD_STAGES = (4, 8), (2, 3)
 FUSED_M, FUSED_N, FUSED_WARPS, FUSED_STAGES = (32, 64, 128), (64, 128), (4, 8), (1, 2)
+RESIDENT_N = (16, 32, 64)  # key blocks of the resident kernel's candidates
 
 Timer = Callable[[str, dict], float]  # (kernel "fwd" | "bwd", tile_override kwargs) -> ms
 
@@ -228,11 +239,16 @@ def bwd_fits(kv: Blocks, q: Blocks, block_d: int, elt: int = 2) -> bool:
             and _fits(q.m, q.m * block_d, q.m * q.n, q.warps, q_smem))
 
 
-def fused_fits(b: Blocks, block_d: int, elt: int = 2) -> bool:
+def fused_fits(b: Blocks, block_d: int, elt: int = 2, sq: int | None = None) -> bool:
     """Fused backward: dk, dv (n, D) and dq (m, D) fp32 plus scores (m, n) in registers; K, V
     + `stages` Q/dO tiles in smem. No rows-per-warp rule: wgmma spreads a 64-row tile over 4
-    warps, and ptxas compiled 32-query tiles on 8 warps without spills (`--aot --sweep`)."""
-    smem = elt * (2 * b.n * block_d + b.stages * 2 * b.m * block_d)
+    warps, and ptxas compiled 32-query tiles on 8 warps without spills (`--aot --sweep`).
+    With `sq` <= m (the resident kernel) the roles swap in smem: Q and dO stay, `stages` K/V
+    tiles stream."""
+    if sq is not None and b.m >= sq:
+        smem = elt * (2 * b.m * block_d + b.stages * 2 * b.n * block_d)
+    else:
+        smem = elt * (2 * b.n * block_d + b.stages * 2 * b.m * block_d)
     values = 2 * b.n * block_d + b.m * block_d + b.m * b.n
     return values / (32 * b.warps) <= REG_LIMIT and smem <= SMEM_LIMIT
 
@@ -258,13 +274,23 @@ def bwd_candidates(block_d: int, elt: int = 2, arch: int = 90) -> list[tuple[Blo
     return [default] + [c for c in grid if c != default and bwd_fits(*c, block_d, elt)]
 
 
-def fused_candidates(block_d: int, elt: int = 2, arch: int = 90) -> list[Blocks]:
-    """Fused backward tiles: the default (for compute capability `arch`) first, then FUSED_*
-    that fit. Default limits: 16 for D <= 64, 8 for D <= 128."""
-    default = _fused_blocks(block_d, arch)
+def fused_candidates(block_d: int, elt: int = 2, arch: int = 90,
+                     sq: int | None = None) -> list[Blocks]:
+    """Fused backward tiles: the default (for compute capability `arch` and, given, `sq`
+    queries) first, then FUSED_* that fit. Given `sq` <= RESIDENT_MAX_M, also the resident
+    kernel's tiles (query block next_pow2(max(Sq, 64)) x RESIDENT_N keys) that fit. Default
+    limits: 16 for D <= 64, 8 for D <= 128; for ViT-B/16 (Sq = 197) 22, 6 of them resident."""
+    from mmpretrain.kernels.attention_triton import RESIDENT_MAX_M
+
+    default = _fused_blocks(block_d, arch, sq)
     grid = [Blocks(m, n, w, s) for m in FUSED_M for n in FUSED_N for w in FUSED_WARPS
             for s in FUSED_STAGES]
-    return [default] + [b for b in grid if b != default and fused_fits(b, block_d, elt)]
+    rows = _next_pow2(max(sq or 0, 64))
+    if sq is not None and rows <= RESIDENT_MAX_M:
+        grid += [Blocks(rows, n, w, s) for n in RESIDENT_N for w in FUSED_WARPS
+                 for s in FUSED_STAGES]
+    fits = [b for b in grid if b != default and fused_fits(b, block_d, elt, sq)]
+    return [default] + list(dict.fromkeys(fits))
 
 
 def _config(override: dict) -> dict:
@@ -390,7 +416,8 @@ def _sweep_shape_cuda(shape_name: str, dtype: torch.dtype, candidates: dict[str,
     arch = device_arch(torch.device("cuda"))
     bwd = candidates.get("bwd") or bwd_candidates(block_d, elt, arch)
     fused = candidates.get("fused") or (
-        fused_candidates(block_d, elt, arch) if max(shape[2:4]) <= FUSED_MAX_SEQ else [])
+        fused_candidates(block_d, elt, arch, shape[2]) if max(shape[2:4]) <= FUSED_MAX_SEQ
+        else [])
     try:
         timer = _cuda_timer(shape, dtype, warmup, iters)
     except Exception as e:  # noqa: BLE001
@@ -417,14 +444,17 @@ def _flat_candidates(candidates: dict[str, list]) -> list[tuple[str, object]]:
 
 def config_label(rec: dict) -> str:
     """Short text of a record's tiles: `m128 n64 w4 s3` (fwd), `kv32x128 q128x32 w4 s2` (bwd),
-    `fused64x64 w4 s1` (bwd_fused: query block x key block)."""
+    `fused64x64 w4 s1` (bwd_fused: query block x key block), `resident256x32 w8 s2` (a
+    fused tile whose query block holds the shape's Sq)."""
     cfg = rec["config"]
     if rec["kernel"] == "fwd":
         f = cfg["fwd"]
         return f"m{f['m']} n{f['n']} w{f['warps']} s{f['stages']}"
     if rec["kernel"] == "bwd_fused":
         f = cfg["bwd_fused"]
-        return f"fused{f['m']}x{f['n']} w{f['warps']} s{f['stages']}"
+        sq = SHAPES.get(rec.get("shape", ""), (0, 0, 1 << 30))[2]
+        plan = "resident" if f["m"] >= sq else "fused"
+        return f"{plan}{f['m']}x{f['n']} w{f['warps']} s{f['stages']}"
     kv, q = cfg["bwd_kv"], cfg["bwd_q"]
     warps = f"w{kv['warps']}" if kv["warps"] == q["warps"] else f"w{kv['warps']}/{q['warps']}"
     stages = f"s{kv['stages']}" if kv["stages"] == q["stages"] else \

@@ -27,7 +27,7 @@ import torch
 from mmpretrain.kernels.attention_triton import FUSED_MAX_SEQ, Blocks, _next_pow2
 
 BWD_SPLIT = ("bwd_preprocess", "bwd_dkdv", "bwd_dq")
-BWD_FUSED = ("bwd_preprocess", "bwd_fused")
+BWD_FUSED = ("bwd_preprocess", "bwd_fused", "bwd_resident")  # whichever the tile launches
 
 
 @dataclass(frozen=True)
@@ -56,30 +56,37 @@ class Job:
 
 def bench_jobs(shape_names: list[str], impls: list[str], dtype: torch.dtype, arch: int,
                sms: int) -> list[Job]:
-    """Jobs for `bench_attention`: every Triton column (heuristic or forced plan) per shape."""
-    from mmpretrain.kernels.aot import KERNELS
-    from mmpretrain.kernels.bench import SHAPES, TRITON_PLANS, plan_override
+    """Jobs for `bench_attention`: every Triton column (heuristic or forced plan) per shape
+    (none for a plan the shape cannot take: the resident one past 256 queries)."""
+    from mmpretrain.kernels.bench import SHAPES, TRITON_PLANS
 
-    jobs = []
-    for name in shape_names:
-        for impl in (i for i in impls if i == "triton" or i in TRITON_PLANS):
-            tiles = tuple(plan_override(impl, SHAPES[name][4], arch).items())
-            jobs.append(Job(name, tiles, KERNELS, _dtype_name(dtype), arch, sms))
-    return jobs
+    return [job for name in shape_names
+            for impl in impls if impl == "triton" or impl in TRITON_PLANS
+            for job in _plan_job(impl, SHAPES[name], dtype, arch, sms, name)]
 
 
 def case_jobs(cases: list[tuple], dtypes: list[torch.dtype], plans: list[str], arch: int,
               sms: int) -> list[Job]:
     """Jobs for calls on separate contiguous (B, H, S, D) tensors, as the GPU parity tests
     make them: every case (B, H, Sq, Sk, D, causal, masked) x dtype x backward plan
-    ("split", "fused", or "" for the heuristic's)."""
+    ("split", "fused", "resident", or "" for the heuristic's), where the case can take it."""
+    return [job for case in cases for dtype in dtypes for plan in plans
+            for job in _plan_job(f"triton_{plan}" if plan else "triton", case, dtype, arch,
+                                 sms, "", tuple(case))]
+
+
+def _plan_job(impl: str, dims: tuple, dtype: torch.dtype, arch: int, sms: int, shape: str,
+              case: tuple | None = None) -> list[Job]:
+    """[the Job of one Triton column / plan on (B, H, Sq, Sk, D, ...)], [] if the plan has no
+    tile for it."""
     from mmpretrain.kernels.aot import KERNELS
     from mmpretrain.kernels.bench import plan_override
 
-    return [Job("", tuple(plan_override(f"triton_{plan}" if plan else "triton", case[4],
-                                        arch).items()), KERNELS, _dtype_name(dtype), arch,
-                sms, tuple(case))
-            for case in cases for dtype in dtypes for plan in plans]
+    try:
+        tiles = tuple(plan_override(impl, dims[4], arch, dims[2]).items())
+    except ValueError:
+        return []
+    return [Job(shape, tiles, KERNELS, _dtype_name(dtype), arch, sms, case)]
 
 
 def model_jobs(model: Any, batch: int, dtype: torch.dtype, arch: int, sms: int) -> list[Job]:
@@ -113,7 +120,7 @@ def sweep_jobs(shape_names: list[str], dtype: torch.dtype, arch: int, sms: int) 
                  for kv, q in bwd_candidates(block_d, elt, arch)]
         if max(sq, sk) <= FUSED_MAX_SEQ:
             runs += [((("bwd_fused", b),), BWD_FUSED)
-                     for b in fused_candidates(block_d, elt, arch)]
+                     for b in fused_candidates(block_d, elt, arch, sq)]
         jobs += [Job(name, tiles, kernels, _dtype_name(dtype), arch, sms)
                  for tiles, kernels in runs]
     return jobs

@@ -1,6 +1,6 @@
 """Backward Triton kernels of the fused attention (FlashAttention-2 style, atomic-free).
 
-Private to `kernels/attention_triton.py`. Two plans, both after
+Private to `kernels/attention_triton.py`. Three plans; split and fused after
 
 * `_attn_bwd_preprocess`: delta = rowsum(dO * O), (B, H, Sq) fp32.
 
@@ -9,7 +9,9 @@ recomputes P = exp(S - LSE) from the forward's LSE and accumulates dK and dV in 
 registers; `_attn_bwd_dq`, one program per query block iterating over key blocks, recomputes P
 and dP again and accumulates dQ. Fused (short sequences, many heads): `_attn_bwd_fused`, one
 program per (batch, head), computes P and dP once per block pair and accumulates dQ in an fp32
-buffer it alone owns.
+buffer it alone owns. Resident (the fused plan when one query block holds every row, Sq <=
+256): `_attn_bwd_resident`, one program per (batch, head) with Q, dO and dQ held for the whole
+pass, one step per key block, delta computed in the kernel.
 
 With dS = P * (dP - delta) and dP = dO V^T: dV = P^T dO, dK = scale * dS^T Q, dQ = scale * dS K.
 Strides and masking follow `triton_fwd.py` (fully masked rows have P = 0, hence zero grads).
@@ -304,3 +306,104 @@ def _attn_bwd_fused(
                      mask=row_ok[:, None], other=0.0)  # (BM, BD) fp32
         tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqs + offs_d[None, :] * sdqd,
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _resident_block(dq, q, do, lse2, delta, start_n, K, V, DK, DV, KPM, b, h, rows, offs_d,
+                    d_ok, skb, skh, sks, skd, svb, svh, svs, svd, sdkb, sdkh, sdks, sdkd,
+                    sdvb, sdvh, sdvs, sdvd, smb, smn, sm_scale, SEQ_Q, SEQ_K,
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                    HAS_KPM: tl.constexpr):
+    """Key block [start_n, start_n + BN) against every query row at once: its dK and dV are
+    complete after this one step and stored; dS K is added to the dQ (BM, BD) it returns.
+
+    Without MASKED (whole key blocks of unpadded, non-causal calls) nothing is masked: rows
+    past Sq load q = dO = 0 and delta = 0, so they add nothing to dK, dV, and are not stored.
+    """
+    cols = start_n + tl.arange(0, BLOCK_N)  # (BN,)
+    kv_mask = (cols[:, None] < SEQ_K) & d_ok[None, :]  # (BN, BD)
+    k = tl.load(K + b * skb + h * skh + cols[:, None] * sks + offs_d[None, :] * skd,
+                mask=kv_mask, other=0.0)  # (BN, BD)
+    v = tl.load(V + b * svb + h * svh + cols[:, None] * svs + offs_d[None, :] * svd,
+                mask=kv_mask, other=0.0)  # (BN, BD)
+    s = tl.dot(q, tl.trans(k)) * (sm_scale * LOG2E) - lse2[:, None]  # (BM, BN) log2 domain
+    if MASKED:
+        keep = _keep_mask(rows, cols, b, KPM, smb, smn, SEQ_Q, SEQ_K, CAUSAL, HAS_KPM)
+        s = tl.where(keep, s, float("-inf"))
+    p = tl.exp2(s)  # (BM, BN)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do)  # (BN, BD)
+    dp = tl.dot(do, tl.trans(v))  # (BM, BN)
+    ds = (p * (dp - delta[:, None])).to(q.dtype)  # (BM, BN)
+    dk = tl.dot(tl.trans(ds), q)  # (BN, BD)
+    tl.store(DK + b * sdkb + h * sdkh + cols[:, None] * sdks + offs_d[None, :] * sdkd,
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * sdvb + h * sdvh + cols[:, None] * sdvs + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    return tl.dot(ds, k, dq)  # (BM, BD) fp32
+
+
+@triton.jit
+def _attn_bwd_resident(
+    Q, K, V, O, DO, DQ, DK, DV, LSE, KPM,
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sob, soh, sos, sod,
+    sdob, sdoh, sdos, sdod,
+    sdqb, sdqh, sdqs, sdqd,
+    sdkb, sdkh, sdks, sdkd,
+    sdvb, sdvh, sdvs, sdvd,
+    smb, smn,
+    sm_scale, H, SEQ_Q, SEQ_K,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    TAIL_N: tl.constexpr,
+):
+    """dQ, dK, dV of one whole (batch, head) whose query rows all fit one block (BLOCK_M >=
+    Sq). Grid: (B * H,). The fused backward's plan for short queries (ViT-B/16's 197 in 256
+    rows, text's 77 in 128).
+
+    Q, dO and the log-sum-exp are loaded once and stay; delta = rowsum(dO * O) is computed
+    here (no preprocess launch); dQ stays in fp32 registers over all key blocks, so there is
+    no dQ buffer in memory to read and write back per block pair; and each key block's dK, dV
+    are complete after one step (5 matmuls over BM x BN scores) and stored at once.
+    Key blocks as in the forward: unmasked whole blocks and one TAIL_N block for the ragged
+    keys of unpadded, non-causal calls; every block masked otherwise.
+    """
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
+    h = pid_bh % H
+    rows = tl.arange(0, BLOCK_M)  # (BM,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BD,)
+    d_ok = offs_d < HEAD_D
+    row_ok = rows < SEQ_Q
+    q_mask = row_ok[:, None] & d_ok[None, :]  # (BM, BD)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + offs_d[None, :] * sqd,
+                mask=q_mask, other=0.0)  # (BM, BD)
+    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdos + offs_d[None, :] * sdod,
+                 mask=q_mask, other=0.0)  # (BM, BD)
+    o = tl.load(O + b * sob + h * soh + rows[:, None] * sos + offs_d[None, :] * sod,
+                mask=q_mask, other=0.0)  # (BM, BD)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BM,)
+    lse2 = tl.load(LSE + pid_bh * SEQ_Q + rows, mask=row_ok, other=0.0) * LOG2E  # (BM,)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL or HAS_KPM:
+        for start_n in tl.range(0, SEQ_K, BLOCK_N):
+            dq = _resident_block(dq, q, do, lse2, delta, start_n, K, V, DK, DV, KPM, b, h,
+                                 rows, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs, svd,
+                                 sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, smb, smn,
+                                 sm_scale, SEQ_Q, SEQ_K, BLOCK_N, True, CAUSAL, HAS_KPM)
+    else:
+        whole = (SEQ_K // BLOCK_N) * BLOCK_N
+        for start_n in tl.range(0, whole, BLOCK_N):
+            dq = _resident_block(dq, q, do, lse2, delta, start_n, K, V, DK, DV, KPM, b, h,
+                                 rows, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs, svd,
+                                 sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, smb, smn,
+                                 sm_scale, SEQ_Q, SEQ_K, BLOCK_N, False, CAUSAL, HAS_KPM)
+        for start_n in tl.range(whole, SEQ_K, TAIL_N, num_stages=1):
+            dq = _resident_block(dq, q, do, lse2, delta, start_n, K, V, DK, DV, KPM, b, h,
+                                 rows, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs, svd,
+                                 sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, smb, smn,
+                                 sm_scale, SEQ_Q, SEQ_K, TAIL_N, True, CAUSAL, HAS_KPM)
+    tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqs + offs_d[None, :] * sdqd,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
