@@ -39,8 +39,9 @@ CASES = [
     ("vit_b16", (2, 12, 197, 197, 64), torch.bfloat16, False, False, True, SPLIT_TAIL),
     ("vit_b32_d32", (2, 16, 50, 50, 32), torch.bfloat16, False, False, True, SPLIT),
     ("vit_h14_d80", (2, 16, 257, 257, 80), torch.bfloat16, False, False, True, SPLIT_TAIL),
-    ("text_causal_padded", (2, 8, 77, 77, 64), torch.bfloat16, True, True, True, SPLIT),
-    ("fusion_cross_padded", (2, 8, 76, 197, 64), torch.bfloat16, False, True, False, SPLIT),
+    ("text_causal_padded", (2, 8, 77, 77, 64), torch.bfloat16, True, True, True, SPLIT_TAIL),
+    ("fusion_cross_padded", (2, 8, 76, 197, 64), torch.bfloat16, False, True, False,
+     SPLIT_TAIL),
     ("long_d128_fp16", (2, 16, 4096, 4096, 128), torch.float16, False, False, True, SPLIT),
     ("vit_b16_b256", (256, 12, 197, 197, 64), torch.bfloat16, False, False, True,
      RESIDENT_TAIL),
@@ -50,9 +51,9 @@ CASES = [
     ("vit_l14_336_b64", (64, 16, 577, 577, 64), torch.bfloat16, False, False, True,
      FUSED_TAIL),
     ("text_causal_padded_b512", (512, 8, 77, 77, 64), torch.bfloat16, True, True, True,
-     RESIDENT),
+     RESIDENT_TAIL),
     ("fusion_cross_padded_b64", (64, 8, 76, 197, 64), torch.bfloat16, False, True, False,
-     RESIDENT),
+     RESIDENT_TAIL),
     ("vit_l14_b128", (128, 16, 257, 257, 64), torch.bfloat16, False, False, True, FUSED_TAIL),
 ]
 
@@ -102,11 +103,12 @@ def test_tail_block_is_the_smallest_tile_holding_the_rest(seq: int, block: int,
     assert tail_block(seq, block) == tail
 
 
-def test_ragged_tails_launch_small_tiles_unless_causal_or_padded() -> None:
+def test_ragged_tails_launch_small_tiles() -> None:
     """ViT-B/16 (197 tokens): the forward's 64x32 tiles and the backward's 32-key (resident)
     or 64-key (fused) blocks leave 5 queries / keys, run as 16-wide tails (the forward's query
-    tail in a launch of its own); a causal padded text call keeps whole blocks (its kernels
-    ignore the tails, so they are not specialised on them)."""
+    tail in a launch of its own). A causal padded text call (77 tokens) gets the forward's
+    query tail too (rows 64-76 in one 16-row block), but keeps whole key blocks (its kernels
+    ignore TAIL_N, so they are not specialised on it)."""
     from mmpretrain.kernels.attention_triton import Blocks, tile_override
 
     launches = aot.capture_launches(256, 12, 197, 197, 64)
@@ -121,9 +123,11 @@ def test_ragged_tails_launch_small_tiles_unless_causal_or_padded() -> None:
     assert (fused["BLOCK_M"], fused["BLOCK_N"], fused["TAIL_N"]) == (64, 64, 16)
     split = {launch.name: launch.kwargs for launch in aot.capture_launches(2, 12, 197, 197, 64)}
     assert split["bwd_dq"]["TAIL_N"] == 16
-    text = {launch.name: launch.kwargs
-            for launch in aot.capture_launches(512, 8, 77, 77, 64, causal=True, masked=True)}
-    assert text["fwd"]["TAIL_N"] == text["fwd"]["BLOCK_N"]
+    launches = aot.capture_launches(512, 8, 77, 77, 64, causal=True, masked=True)
+    fwd = [(a.kwargs["BLOCK_M"], a.args[a.fn.arg_names.index("ROW0")], a.kwargs["TAIL_N"])
+           for a in launches if a.name == "fwd"]
+    assert fwd == [(64, 0, 32), (16, 64, 32)]
+    text = {launch.name: launch.kwargs for launch in launches}
     assert text["bwd_resident"]["TAIL_N"] == text["bwd_resident"]["BLOCK_N"]
 
 
@@ -196,7 +200,7 @@ def test_cli_prints_and_saves_the_table(tmp_path, capsys: pytest.CaptureFixture)
     assert "bwd_fused" in table and "text_causal" in table
     saved = json.loads(out.read_text())
     assert saved["meta"]["target"] == "cuda sm_80"
-    assert [r["name"] for r in saved["records"]] == FUSED  # batch 512 x 8 heads
+    assert [r["name"] for r in saved["records"]] == FUSED_TAIL  # batch 512 x 8 heads
     assert all(r["shape"] == "text_causal" and r["arch"] == 80 for r in saved["records"])
     assert main(["bench", "attention", "--aot", "--shapes", "nope"]) == 2
 
@@ -215,9 +219,9 @@ def test_precompile_fills_the_cache_a_launch_reads() -> None:
                                  torch.bfloat16, 90, 132)
     assert [dict(j.tiles) for j in jobs] == [{}, plan_override("triton_split", 64, 90)]
     report = precompile.precompile(jobs, workers=2)
-    assert report["failed"] == 0 and report["kernels"] == 2 + 4, report  # resident, split
-    # fwd shared; the resident backward; the split plan's preprocess, dK/dV, dQ
-    assert report["cache_entries_added"] == 5, report
+    assert report["failed"] == 0 and report["kernels"] == 3 + 5, report  # resident, split
+    # fwd and its 16-row tail shared; the resident backward; split: preprocess, dK/dV, dQ
+    assert report["cache_entries_added"] == 6, report
     before = precompile.cache_entries()
     for job in jobs:
         with tile_override(**dict(job.tiles)):
@@ -237,7 +241,7 @@ def test_case_jobs_compile_what_the_gpu_parity_cases_launch() -> None:
     jobs = precompile.case_jobs([case], [torch.float16], ["split", "fused"], 90, 132)
     assert [j.launch_dims() for j in jobs] == [case, case] and jobs[0].dtype == "float16"
     report = precompile.precompile(jobs, workers=0)
-    assert report["failed"] == 0 and report["kernels"] == 4 + 3, report
+    assert report["failed"] == 0 and report["kernels"] == 5 + 4, report  # fwd + 16-row tail
     before = precompile.cache_entries()
     for job in jobs:
         with tile_override(**dict(job.tiles)):
@@ -261,7 +265,7 @@ def test_model_jobs_are_the_towers_packed_launches() -> None:
                                                (256, 8, 77, 77, 64, True, False)]
     assert all(j.packed and j.table == "" and j.tiles == () for j in jobs)
     done, _, error = precompile.compile_job(jobs[1])
-    assert error == "" and done == 2  # fwd, resident backward (B*H >= 132 SMs, Sq <= 256)
+    assert error == "" and done == 3  # fwd, its 16-row tail, resident backward (B*H >= 132)
 
 
 def test_sweep_jobs_cover_every_candidate() -> None:

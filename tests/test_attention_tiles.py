@@ -142,6 +142,11 @@ def test_override_changes_launched_tiles(interp_report: dict, dtype: str) -> Non
         launched = {k for k in ("fwd", "dkdv", "dq", "fused") if calls[k]}
         assert launched == set(expected), (name, launched)  # one backward plan, not both
         for kernel, (m, n) in expected.items():
+            if kernel == "fwd":  # the whole query blocks, then the ragged rows' own block
+                fwd = [(c["BLOCK_M"], c["BLOCK_N"], c["grid"]) for c in calls["fwd"]]
+                assert fwd == [(bm, n, [blocks, B * H]) for bm, _, blocks
+                               in at._query_launches(SQ, m)], (name, fwd)
+                continue
             assert len(calls[kernel]) == 1, (name, kernel, calls)
             launch = calls[kernel][0]
             assert (launch["BLOCK_M"], launch["BLOCK_N"]) == (m, n), (name, kernel, launch)

@@ -18,9 +18,9 @@ True = attend, fully masked rows -> 0 output and 0 grads, scale defaults to D **
   of `kernels/ops.py` (one graph node for the forward, one for the backward; same launches).
 * On CPU the kernels run only under Triton's interpreter (`TRITON_INTERPRET=1` set before
   triton is imported); there bf16 `tl.dot` is wrong (Triton 3.9), fp16/fp32 are correct.
-* Ragged tails: without causality or padding, the keys after the last whole key block (and
-  the forward's query rows after its last whole query block, in a launch of their own) run as
-  one block of `tail_block` (16 for ViT's 197 = 3 x 64 + 5 tokens) instead of a whole tile.
+* Ragged tails: the forward's query rows after its last whole query block run in a launch
+  of their own, one block of `tail_block` rows (16 for ViT's 197 = 3 x 64 + 5 tokens) instead
+  of a whole tile; without causality or padding, the keys after the last whole key block too.
 * Tiles: `tile_override` / `set_tile_override` (the sweep in `kernels/bench.py`), else the
   loaded tile table's measured tiles for the call's shape (`kernels/tiles.py`), else the
   `_fwd_blocks` / `_bwd_blocks` / `_fused_blocks` heuristics (32x32 under the interpreter).
@@ -239,7 +239,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tenso
     block_d = _next_pow2(dim)
     cfg = _fwd_tiles(sq, block_d, _tiles.lookup(sq, sk, block_d, causal))
     mask_t, smb, smn = _mask_launch_args(kpm, lse)
-    for block_m, row0, blocks in _query_launches(sq, cfg.m, causal, kpm):
+    for block_m, row0, blocks in _query_launches(sq, cfg.m):
         _attn_fwd[(blocks, batch * heads)](
             q, k, v, o, lse, mask_t, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb,
             smn, scale, heads, sq, sk, row0, HEAD_D=dim, BLOCK_M=block_m, BLOCK_N=cfg.n,

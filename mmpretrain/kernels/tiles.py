@@ -199,12 +199,13 @@ def _tail(seq: int, block: int, causal: bool, kpm: object | None) -> int:
     return block if causal or kpm is not None else tail_block(seq, block)
 
 
-def _query_launches(sq: int, block_m: int, causal: bool,
-                    kpm: object | None) -> list[tuple[int, int, int]]:
+def _query_launches(sq: int, block_m: int) -> list[tuple[int, int, int]]:
     """The forward's launches as (BLOCK_M, first row, query blocks): one over every block, or
-    (a ragged tail that fits a smaller block: `_tail`) the whole blocks, then the tail rows in
-    one block of their own, so that ViT-B/16's last 5 of 197 rows cost a 16-row block, not 64."""
-    tail = _tail(sq, block_m, causal, kpm)
+    (a ragged tail that fits a smaller block: `tail_block`) the whole blocks, then the tail
+    rows in one block of their own, so that ViT-B/16's last 5 of 197 rows cost a 16-row block,
+    not 64, and text's last 13 of 77 likewise. Causal and padded calls too: the forward kernel
+    starts each block at its own first row, so a tail block needs no code of its own."""
+    tail = tail_block(sq, block_m)
     whole = sq // block_m
     if tail == block_m:
         return [(block_m, 0, (sq + block_m - 1) // block_m)]
