@@ -321,7 +321,9 @@ def _resident_block(dq, q, do, lse2, delta, start_n, K, V, DK, DV, KPM, b, h, ro
     past Sq load q = dO = 0 and delta = 0, so they add nothing to dK, dV, and are not stored.
     """
     cols = start_n + tl.arange(0, BLOCK_N)  # (BN,)
-    kv_mask = (cols[:, None] < SEQ_K) & d_ok[None, :]  # (BN, BD)
+    kv_mask = d_ok[None, :]  # (1, BD): a whole block's keys all exist
+    if MASKED:
+        kv_mask = kv_mask & (cols < SEQ_K)[:, None]  # (BN, BD)
     k = tl.load(K + b * skb + h * skh + cols[:, None] * sks + offs_d[None, :] * skd,
                 mask=kv_mask, other=0.0)  # (BN, BD)
     v = tl.load(V + b * svb + h * svh + cols[:, None] * svs + offs_d[None, :] * svd,
