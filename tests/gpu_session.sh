@@ -129,14 +129,15 @@ step() {
 quick() {
   log="$OUT/quick.txt"
   : > "$log"
-  step 100 "kernel parity (bf16, fp16; split, fused and resident backward)" $py -m pytest -q \
-    -m gpu -p no:cacheprovider -k "not training" tests/test_attention_triton.py  # on/off: `check`
+  step 110 "kernel parity (bf16, fp16; split, fused, resident, chunked backward)" $py -m \
+    pytest -q -m gpu -p no:cacheprovider -k "not training" tests/test_attention_triton.py
   # the default tiles (`triton`: the resident backward for ViT-B/16 and text, fused 64x64 for
-  # the L/14 shapes; `triton_fused`: 64x64 everywhere, version 5's); the Triton kernels are
+  # the L/14 shapes; `triton_fused`: 64x64 everywhere, version 5's; `triton_chunked`: the
+  # resident kernel on 256-row chunks, the L/14 shapes' candidate); the Triton kernels are
   # first compiled in parallel (--precompile-workers)
-  step 80 "bench attention" $py -m mmpretrain.cli bench attention --warmup 5 --iters 30 \
-    --shapes vit_b16,vit_l14,vit_l14_336,text_causal \
-    --impls triton,triton_split,triton_fused,sdpa_flash,sdpa_cudnn --json "$OUT/attention.json"
+  step 90 "bench attention" $py -m mmpretrain.cli bench attention --warmup 5 --iters 30 \
+    --shapes vit_b16,vit_l14,vit_l14_336,text_causal --json "$OUT/attention.json" \
+    --impls triton,triton_split,triton_fused,triton_chunked,sdpa_flash,sdpa_cudnn
   local common=(bench train --zero 1 --steps 15 --warmup 6)
   # timed steps first, then 3 profiled ones of each: the phase timeline (device busy/idle per
   # forward, backward and optimizer step, and the host ops the device waited on) side by side
@@ -145,7 +146,7 @@ quick() {
     engine.compile=true
   step 80 "bench train vit_b16 compiled + triton attention" $py -m mmpretrain.cli \
     "${common[@]}" --model vit_b16 --batch 256 engine.compile=true model.attention=triton
-  step 120 "bench train vit_l14 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
+  step 110 "bench train vit_l14 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
     "${common[@]}" --model vit_l14 --batch 128 --compare open_clip engine.compile=true
   grep -E "^==|^precompile|compiled while|samples/s|ratio|ms |^(vit|text)|profile mm|^ +(phase|forward|backward|optimizer|other) |^device idle|^ +[0-9.]+ ms  " "$log" \
     | tail -120

@@ -131,6 +131,26 @@ def test_ragged_tails_launch_small_tiles() -> None:
     assert text["bwd_resident"]["TAIL_N"] == text["bwd_resident"]["BLOCK_N"]
 
 
+def test_chunked_plan_launches_chunks_then_their_sum() -> None:
+    """`bwd_chunked` (256-row chunks): ViT-L/14's 257 queries are one 256-row chunk and a
+    16-row one, ViT-L/14@336's 577 two and a 128-row one, each chunk numbered (CHUNK0) and
+    starting at its row (ROW0); then one kernel sums the chunks' dK/dV shares. All compile
+    for sm_90 without spills."""
+    from mmpretrain.kernels.attention_triton import Blocks, tile_override
+
+    for sq, chunks in ((257, [(256, 0, 0), (16, 256, 1)]), (577, [(256, 0, 0), (128, 512, 2)])):
+        with tile_override(bwd_chunked=Blocks(256, 32, 8, 2)):
+            launches = aot.capture_launches(64, 16, sq, sq, 64)
+        names = [launch.name for launch in launches]
+        assert names == ["fwd", "fwd", "bwd_resident", "bwd_resident", "bwd_sum_chunks"]
+        resident = [a for a in launches if a.name == "bwd_resident"]
+        assert [(a.kwargs["BLOCK_M"], a.args[a.fn.arg_names.index("ROW0")],
+                 a.args[a.fn.arg_names.index("CHUNK0")]) for a in resident] == chunks
+        for launch in launches[2:]:
+            build = aot.compile_launch(launch, 90)
+            assert build.spill_stores + build.spill_loads == 0, build
+
+
 def test_launches_compile_for_ampere() -> None:
     for shape, causal in (((2, 12, 197, 197, 64), False), ((2, 8, 77, 77, 128), True),
                           ((256, 12, 197, 197, 64), False), ((512, 8, 77, 77, 64), True)):

@@ -221,8 +221,11 @@ def test_backward_plan_choice() -> None:
         assert at._use_fused(4096, 4096, 1, 132)
     with tile_override(bwd_q=Blocks(32, 64)):
         assert not at._use_fused(197, 197, 3072, 132)
-    with pytest.raises(ValueError, match="bwd_fused .* excludes"):
-        set_tile_override(bwd_kv=Blocks(32, 64), bwd_fused=Blocks(32, 64))
+    for plans in ({"bwd_kv": Blocks(32, 64), "bwd_fused": Blocks(32, 64)},
+                  {"bwd_fused": Blocks(32, 64), "bwd_chunked": Blocks(64, 32)},
+                  {"bwd_q": Blocks(32, 64), "bwd_chunked": Blocks(64, 32)}):
+        with pytest.raises(ValueError, match="exclude each other"):
+            set_tile_override(**plans)
     assert at._override == dict.fromkeys(at._tiles._OVERRIDE_KEYS)
 
 
@@ -301,6 +304,9 @@ def test_resident_candidates_and_plan() -> None:
     for sq, dim in ((257, 64), (197, 80)):
         with pytest.raises(ValueError, match="no resident tile"):
             bench.plan_override("triton_resident", dim, 90, sq)
+    assert bench.plan_override("triton_chunked", 64, 90, 577) == {"bwd_chunked": bench.CHUNK}
+    with pytest.raises(ValueError, match="no chunked tile"):
+        bench.plan_override("triton_chunked", 80, 90, 197)
 
 
 def test_fits_prunes_what_cannot_fit() -> None:

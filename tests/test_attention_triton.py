@@ -36,6 +36,9 @@ def test_interpreter_parity(dtype: str) -> None:
     assert max(report["max_err"].values()) <= report["tolerance"]
     # the resident backward ran: every @resident case, its extreme scores, one tile set
     assert report["resident_launches"] >= 14 + 3 + 5
+    # the chunked plan summed several chunks: the cases with Sq > 32, two extreme-score
+    # cases, the tile cases
+    assert report["chunk_sums"] >= 8 + 2 + 5
 
 
 def test_interpreter_compiled_blocks_have_no_graph_break() -> None:
@@ -113,8 +116,8 @@ def _gpu_kernels_compiled_first() -> Iterator[None]:
             from mmpretrain.kernels.precompile import case_jobs, default_workers, precompile
 
             arch, sms = device_arch(torch.device("cuda")), device_sms(torch.device("cuda"))
-            jobs = case_jobs(GPU_SHAPES, list(GPU_TOL), ["split", "fused", "resident"], arch,
-                             sms)
+            jobs = case_jobs(GPU_SHAPES, list(GPU_TOL), ["split", "fused", "resident",
+                                                         "chunked"], arch, sms)
             jobs += case_jobs(HEURISTIC_SHAPES, [torch.bfloat16], [""], arch, sms)
             print("precompiled:", precompile(jobs, default_workers()))
         except Exception as e:  # noqa: BLE001
@@ -123,8 +126,9 @@ def _gpu_kernels_compiled_first() -> Iterator[None]:
 
 
 def _gpu_case(shape: tuple, dtype: torch.dtype, plan: str = "") -> dict[str, float]:
-    """Errors of one case; `plan` "split" / "fused" / "resident" forces that backward ("":
-    heuristic). A case the resident kernel has no tile for (Sq > 256, D > 64) is skipped."""
+    """Errors of one case; `plan` "split" / "fused" / "resident" / "chunked" forces that
+    backward ("": heuristic). A case the plan has no tile for (resident: Sq > 256 or D > 64;
+    chunked: D > 64) is skipped."""
     from mmpretrain.kernels.attention_triton import device_arch, tile_override
     from mmpretrain.kernels.bench import plan_override
 
@@ -165,7 +169,7 @@ def _gpu_errors(shape: tuple, dtype: torch.dtype) -> dict[str, float]:
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
-@pytest.mark.parametrize("plan", ["split", "fused", "resident"])
+@pytest.mark.parametrize("plan", ["split", "fused", "resident", "chunked"])
 def test_gpu_parity(shape: tuple, dtype: torch.dtype, plan: str) -> None:
     errs = _gpu_case(shape, dtype, plan)
     assert max(errs.values()) <= GPU_TOL[dtype], errs

@@ -49,6 +49,9 @@ FUSED = {"bwd_fused": Blocks(32, 32)}
 # The fused plan's tile with every query row in one block (m >= Sq): the resident kernel
 # (dQ in registers, delta computed in the kernel). Every case of CASES and PACKED_CASES fits.
 RESIDENT = {"bwd_fused": Blocks(256, 32, 8, 2)}
+# The resident kernel on chunks of 32 query rows (the ragged last one in a 16- or 32-row
+# block) with their dK/dV shares summed after: several chunks for every case with Sq > 32.
+CHUNKED = {"bwd_chunked": Blocks(32, 32, 4, 2)}
 # The GPU tile heuristics (the interpreter's default is 32x32): unequal query and key blocks
 # move the split between unmasked and masked blocks. Run on TILE_CASES, which span several
 # 128-blocks with and without causality and never a padding mask (which masks everything).
@@ -63,6 +66,8 @@ TILE_SETS = {
     "fused_32x64": {"fwd": Blocks(64, 64, 4, 2), "bwd_fused": Blocks(32, 64, 8, 1)},
     # resident: 300 rows in one 512-row block; 32-key blocks leave tails of 16 (s197), 32
     "resident_512x32": {"fwd": Blocks(64, 32, 4, 3), "bwd_fused": Blocks(512, 32, 8, 2)},
+    # chunked: 128-row chunks (s300: 2 and a 64-row one; s197: 1 and a 128-row one)
+    "chunked_128x32": {"fwd": Blocks(64, 32, 4, 3), "bwd_chunked": Blocks(128, 32, 8, 2)},
 }
 TILE_CASES = [
     ("s300_causal", 1, 1, 300, 300, 32, True, None),
@@ -195,7 +200,9 @@ def main(argv: list[str]) -> int:
     at._dq_accumulator = lambda *args: torch.full(args[:3], float("nan"), device=args[3])
     runs = []
     resident = _count_launches("_attn_bwd_resident")
-    for label, tiles in (("", {}), ("@fused", FUSED), ("@resident", RESIDENT)):
+    sums = _count_launches("_attn_bwd_sum_chunks")
+    for label, tiles in (("", {}), ("@fused", FUSED), ("@resident", RESIDENT),
+                         ("@chunked", CHUNKED)):
         runs += [((case[0] + label, *case[1:]), False, tiles) for case in CASES]
         runs += [((case[0] + label, *case[1:]), True, tiles) for case in PACKED_CASES]
     runs += [((f"{case[0]}@{tiles}", *case[1:]), False, TILE_SETS[tiles])
@@ -212,11 +219,12 @@ def main(argv: list[str]) -> int:
               + " ".join(f"{k}={e:.1e}" for k, e in errs.items())
               + f" {time.perf_counter() - start:.1f}s" + (" FAIL" if bad else ""),
               flush=True)
-    for tiles, suffix in (({}, ""), (FUSED, "@fused"), (RESIDENT, "@resident")):
+    for tiles, suffix in (({}, ""), (FUSED, "@fused"), (RESIDENT, "@resident"),
+                          (CHUNKED, "@chunked")):
         failed += check_extreme_scores(dtype, tiles, suffix)
     print(json.dumps({"dtype": dtype_name, "max_err": worst, "tolerance": tol,
                       "cases": len(runs), "resident_launches": resident[0],
-                      "failed": failed}))
+                      "chunk_sums": sums[0], "failed": failed}))
     return 1 if failed else 0
 
 

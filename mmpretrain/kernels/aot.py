@@ -32,10 +32,12 @@ from mmpretrain.kernels.attention_triton import (Blocks, _backward, _forward, _g
                                                  _packed_grad, _unpack, interpreter_enabled,
                                                  tile_override)
 
-KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq", "bwd_fused", "bwd_resident")
+KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq", "bwd_fused", "bwd_resident",
+           "bwd_sum_chunks")
 # the kernels a sweep candidate (keyed by its first tile_override key) compiles
 _SWEPT = {"fwd": ("fwd",), "bwd_kv": ("bwd_dkdv", "bwd_dq"),
-          "bwd_fused": ("bwd_fused", "bwd_resident")}
+          "bwd_fused": ("bwd_fused", "bwd_resident"),
+          "bwd_chunked": ("bwd_resident", "bwd_sum_chunks")}
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # opt-in bytes per block
 _PTXAS_USE = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -91,7 +93,8 @@ def _capturing() -> Iterator[list[Launch]]:
                "bwd_preprocess": (triton_bwd, "_attn_bwd_preprocess"),
                "bwd_dkdv": (triton_bwd, "_attn_bwd_dkdv"), "bwd_dq": (triton_bwd, "_attn_bwd_dq"),
                "bwd_fused": (triton_bwd, "_attn_bwd_fused"),
-               "bwd_resident": (triton_bwd, "_attn_bwd_resident")}
+               "bwd_resident": (triton_bwd, "_attn_bwd_resident"),
+               "bwd_sum_chunks": (triton_bwd, "_attn_bwd_sum_chunks")}
     sink: list[Launch] = []
     saved = {name: getattr(mod, attr) for name, (mod, attr) in targets.items()}
     try:

@@ -252,7 +252,8 @@ def _backward(saved: tuple, do: torch.Tensor, grads: tuple, kpm: torch.Tensor | 
               causal: bool, scale: float) -> None:
     """Launch the backward, writing into grads = (dq, dk, dv) (any strides): the fused or
     the split plan (`_use_fused`) after the delta preprocess, or, when the fused tile's query
-    block holds every query row, the resident kernel (which computes delta itself)."""
+    block holds every query row, the resident kernel (which computes delta itself); with a
+    `bwd_chunked` override, the resident kernel on chunks of its m rows."""
     from mmpretrain.kernels.triton_bwd import _attn_bwd_preprocess
 
     q, k, v, o, lse = saved
@@ -261,14 +262,17 @@ def _backward(saved: tuple, do: torch.Tensor, grads: tuple, kpm: torch.Tensor | 
     arch = device_arch(q.device)
     choice = _tiles.lookup(sq, k.shape[2], block_d, causal)
     fused = _use_fused(sq, k.shape[2], batch * heads, device_sms(q.device), choice)
-    if fused:
+    if _override["bwd_chunked"] is not None:
+        fused, cfgs = True, (_override["bwd_chunked"],)
+    elif fused:
         cfgs = (_override["bwd_fused"] or (choice and choice.fused)
                 or _fused_blocks(block_d, arch, sq),)
     else:
         cfgs = _bwd_tiles(block_d, arch, choice)
-    resident = fused and cfgs[0].m >= sq
-    _log_plan("resident" if resident else "fused" if fused else "split", cfgs, q.shape,
-              k.shape[2], causal)
+    chunked = _override["bwd_chunked"] is not None and cfgs[0].m < sq
+    resident = fused and (cfgs[0].m >= sq or chunked)
+    plan = "chunked" if chunked else "resident" if resident else "fused" if fused else "split"
+    _log_plan(plan, cfgs, q.shape, k.shape[2], causal)
     if resident:
         _launch_bwd_resident((q, k, v, o, do, lse), grads, kpm, causal, scale, cfgs[0])
         return
@@ -348,21 +352,41 @@ def _launch_bwd_fused(ins: tuple, grads: tuple, kpm: torch.Tensor | None, causal
 
 def _launch_bwd_resident(ins: tuple, grads: tuple, kpm: torch.Tensor | None, causal: bool,
                          scale: float, cfg: _Blocks) -> None:
-    """One program per (batch, head), every query row in one block of cfg.m >= Sq: dQ in
-    registers, each key block's dK and dV finished in one step (`_attn_bwd_resident`)."""
-    from mmpretrain.kernels.triton_bwd import _attn_bwd_resident
+    """One program per (batch, head) and chunk of cfg.m query rows (`_attn_bwd_resident`; the
+    ragged last chunk in a smaller block, `_query_launches`): dQ in registers, each key
+    block's dK and dV share finished in one step. One chunk (cfg.m >= Sq) stores dK and dV
+    directly; several store fp32 partials (chunks, B, H, Sk, BD) that `_attn_bwd_sum_chunks`
+    then adds up in a fixed order."""
+    from mmpretrain.kernels.triton_bwd import _attn_bwd_resident, _attn_bwd_sum_chunks
 
     q, k, v, o, do, lse = ins
     dq, dk, dv = grads
     batch, heads, sq, dim = q.shape
-    sk = k.shape[2]
+    sk, block_d = k.shape[2], _next_pow2(dim)
+    launches = _query_launches(sq, cfg.m)  # [(BLOCK_M, first row, chunks)]
+    chunks = sum(n for _, _, n in launches)
+    dkp, dvp = dk, dv
+    if chunks > 1:  # (chunks, B, H, Sk, BD) fp32, every element written before it is read
+        dkp, dvp = (torch.empty(chunks, batch, heads, sk, block_d, dtype=torch.float32,
+                                device=q.device) for _ in range(2))
+    s_chunk = dkp.stride(0) if chunks > 1 else 0
+    kv_strides = (*dkp.stride()[-4:], *dvp.stride()[-4:])
     mask_t, smb, smn = _mask_launch_args(kpm, lse)
-    _attn_bwd_resident[(batch * heads,)](
-        q, k, v, o, do, dq, dk, dv, lse, mask_t, *q.stride(), *k.stride(), *v.stride(),
-        *o.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(), smb, smn, scale,
-        heads, sq, sk, HEAD_D=dim, BLOCK_M=cfg.m, BLOCK_N=cfg.n, BLOCK_D=_next_pow2(dim),
-        CAUSAL=causal, HAS_KPM=kpm is not None, TAIL_N=_tail(sk, cfg.n, causal, kpm),
-        num_warps=cfg.warps, num_stages=cfg.stages)
+    chunk0 = 0
+    for block_m, row0, n in launches:
+        _attn_bwd_resident[(batch * heads, n)](
+            q, k, v, o, do, dq, dkp, dvp, lse, mask_t, *q.stride(), *k.stride(), *v.stride(),
+            *o.stride(), *do.stride(), *dq.stride(), *kv_strides, smb, smn, scale, heads, sq,
+            sk, row0, chunk0, s_chunk, HEAD_D=dim, BLOCK_M=block_m, BLOCK_N=cfg.n,
+            BLOCK_D=block_d, CAUSAL=causal, HAS_KPM=kpm is not None,
+            TAIL_N=_tail(sk, cfg.n, causal, kpm),
+            num_warps=cfg.warps if block_m >= 128 else min(cfg.warps, 4),
+            num_stages=cfg.stages)
+        chunk0 += n
+    if chunks > 1:
+        _attn_bwd_sum_chunks[((sk + 63) // 64, batch * heads)](
+            dkp, dvp, dk, dv, *dk.stride(), *dv.stride(), s_chunk, chunks, heads, sk,
+            HEAD_D=dim, BLOCK_N=64, BLOCK_D=block_d)
 
 
 def _grads_bhsd(q: torch.Tensor, k: torch.Tensor,

@@ -30,12 +30,14 @@ SHAPES: dict[str, tuple[int, int, int, int, int, bool]] = {
     "text_causal": (512, 8, 77, 77, 64, True),
     "long": (8, 16, 4096, 4096, 128, False),
 }
-IMPLS = ("triton", "triton_split", "triton_fused", "triton_resident", "sdpa_flash",
-         "sdpa_cudnn", "sdpa_efficient", "flex")
+IMPLS = ("triton", "triton_split", "triton_fused", "triton_resident", "triton_chunked",
+         "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
 # `triton`: the backward plan and tiles the heuristic picks; these force one plan:
 # split, fused with its query-blocked tile (64 x 64 on Hopper), fused with every query row
-# in one block (the resident kernel; Sq <= 256, D <= 64)
-TRITON_PLANS = ("triton_split", "triton_fused", "triton_resident")
+# in one block (the resident kernel; Sq <= 256, D <= 64), the resident kernel on chunks of
+# 256 query rows (D <= 64; an experiment, never the heuristic's choice)
+TRITON_PLANS = ("triton_split", "triton_fused", "triton_resident", "triton_chunked")
+CHUNK = Blocks(256, 32, 8, 2)  # `triton_chunked`'s tile: ViT-B/16's resident tile
 COPIES = 4  # input sets rotated between timed runs
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -83,18 +85,21 @@ def make_impl(name: str, causal: bool, sq: int, sk: int, device: torch.device) -
 def plan_override(name: str, dim: int, arch: int, sq: int = 0) -> dict[str, Blocks]:
     """`tile_override` kwargs that force `name`'s backward plan with its heuristic tiles
     ({} for every other implementation). `triton_resident` needs `sq` (the query length) and
-    raises ValueError where the resident kernel has no tile (Sq > 256 or D > 64)."""
+    raises ValueError where the resident kernel has no tile (Sq > 256 or D > 64), as
+    `triton_chunked` does for D > 64."""
     block_d = _next_pow2(dim)
     if name == "triton_split":
         kv, q = _bwd_blocks(block_d, arch)
         return {"bwd_kv": kv, "bwd_q": q}
     if name == "triton_fused":
         return {"bwd_fused": _fused_blocks(block_d, arch)}
-    if name == "triton_resident":
-        tile = _resident_blocks(sq, block_d)
+    if name in ("triton_resident", "triton_chunked"):
+        resident = name == "triton_resident"
+        tile = _resident_blocks(sq, block_d) if resident else CHUNK if block_d <= 64 else None
         if tile is None:
-            raise ValueError(f"no resident tile for Sq={sq}, D={dim} (Sq <= 256, D <= 64)")
-        return {"bwd_fused": tile}
+            raise ValueError(f"no {name[7:]} tile for Sq={sq}, D={dim} (D <= 64, resident: "
+                             "Sq <= 256)")
+        return {"bwd_fused" if resident else "bwd_chunked": tile}
     return {}
 
 

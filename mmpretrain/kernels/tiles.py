@@ -34,7 +34,7 @@ class _Blocks:
 
 Blocks = _Blocks  # public name, for `tile_override` callers
 VALID_WARPS = (1, 2, 4, 8, 16)
-_OVERRIDE_KEYS = ("fwd", "bwd_kv", "bwd_q", "bwd_fused")
+_OVERRIDE_KEYS = ("fwd", "bwd_kv", "bwd_q", "bwd_fused", "bwd_chunked")
 _override: dict[str, _Blocks | None] = dict.fromkeys(_OVERRIDE_KEYS)
 _POW2 = (lambda v: v >= 16 and v & (v - 1) == 0, "a power of two >= 16 (tl.dot minimum)")
 _CHECKS = {"m": _POW2, "n": _POW2, "warps": (lambda v: v in VALID_WARPS, f"one of {VALID_WARPS}"),
@@ -53,22 +53,27 @@ def _validate_blocks(name: str, blocks: object) -> None:
 
 
 def set_tile_override(fwd: _Blocks | None = None, bwd_kv: _Blocks | None = None,
-                      bwd_q: _Blocks | None = None,
-                      bwd_fused: _Blocks | None = None) -> dict[str, _Blocks | None]:
+                      bwd_q: _Blocks | None = None, bwd_fused: _Blocks | None = None,
+                      bwd_chunked: _Blocks | None = None) -> dict[str, _Blocks | None]:
     """Replace the tile heuristics: `fwd` (forward), `bwd_kv` (dK/dV kernel: n = key block,
     m = inner query block), `bwd_q` (dQ kernel and the delta preprocess: m = query block) of
-    the split backward, or `bwd_fused` (the one-pass backward: n = key block, m = query block).
+    the split backward, `bwd_fused` (the one-pass backward: n = key block, m = query block;
+    m >= Sq: the resident kernel), or `bwd_chunked` (the resident kernel on chunks of m query
+    rows, their dK/dV shares summed after; never chosen by the heuristics).
 
-    Setting `bwd_kv` or `bwd_q` forces the split backward, `bwd_fused` the fused one (not both:
-    ValueError). None restores the heuristic for that kernel. All are validated before any is
-    set (ValueError naming the field). Returns the previous overrides (to restore them later).
+    Setting `bwd_kv` or `bwd_q` forces the split backward, `bwd_fused` the fused one,
+    `bwd_chunked` the chunked one (one plan: ValueError otherwise). None restores the
+    heuristic for that kernel. All are validated before any is set (ValueError naming the
+    field). Returns the previous overrides (to restore them later).
     """
-    new = dict(zip(_OVERRIDE_KEYS, (fwd, bwd_kv, bwd_q, bwd_fused)))
+    new = dict(zip(_OVERRIDE_KEYS, (fwd, bwd_kv, bwd_q, bwd_fused, bwd_chunked)))
     for name in (n for n, b in new.items() if b is not None):
         _validate_blocks(name, new[name])
-    if bwd_fused is not None and (bwd_kv is not None or bwd_q is not None):
-        raise ValueError("tile override: bwd_fused (fused backward) excludes bwd_kv / bwd_q "
-                         "(split backward); set one plan")
+    plans = [bwd_kv is not None or bwd_q is not None, bwd_fused is not None,
+             bwd_chunked is not None]
+    if sum(plans) > 1:
+        raise ValueError("tile override: bwd_kv / bwd_q (split backward), bwd_fused (fused) "
+                         "and bwd_chunked (chunked) exclude each other; set one plan")
     previous = dict(_override)
     _override.update(new)
     return previous
@@ -76,10 +81,10 @@ def set_tile_override(fwd: _Blocks | None = None, bwd_kv: _Blocks | None = None,
 
 @contextlib.contextmanager
 def tile_override(fwd: _Blocks | None = None, bwd_kv: _Blocks | None = None,
-                  bwd_q: _Blocks | None = None,
-                  bwd_fused: _Blocks | None = None) -> Iterator[None]:
+                  bwd_q: _Blocks | None = None, bwd_fused: _Blocks | None = None,
+                  bwd_chunked: _Blocks | None = None) -> Iterator[None]:
     """`set_tile_override` inside a `with` block (forward and backward); restores on exit."""
-    previous = set_tile_override(fwd, bwd_kv, bwd_q, bwd_fused)
+    previous = set_tile_override(fwd, bwd_kv, bwd_q, bwd_fused, bwd_chunked)
     try:
         yield
     finally:

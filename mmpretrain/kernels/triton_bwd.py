@@ -356,26 +356,33 @@ def _attn_bwd_resident(
     sdkb, sdkh, sdks, sdkd,
     sdvb, sdvh, sdvs, sdvd,
     smb, smn,
-    sm_scale, H, SEQ_Q, SEQ_K,
+    sm_scale, H, SEQ_Q, SEQ_K, ROW0, CHUNK0, s_chunk,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     TAIL_N: tl.constexpr,
 ):
-    """dQ, dK, dV of one whole (batch, head) whose query rows all fit one block (BLOCK_M >=
-    Sq). Grid: (B * H,). The fused backward's plan for short queries (ViT-B/16's 197 in 256
-    rows, text's 77 in 128).
+    """dQ, dK, dV of one (batch, head) whose query rows fit one block (BLOCK_M >= Sq), or,
+    chunked, dQ of one chunk of BLOCK_M query rows and that chunk's share of dK, dV.
+    Grid: (B * H, chunks of this launch); the chunks start at row ROW0 and are numbered from
+    CHUNK0. The fused backward's plan for short queries (ViT-B/16's 197 in 256 rows, text's
+    77 in 128); the chunked plan for longer ones.
 
     Q, dO and the log-sum-exp are loaded once and stay; delta = rowsum(dO * O) is computed
     here (no preprocess launch); dQ stays in fp32 registers over all key blocks, so there is
     no dQ buffer in memory to read and write back per block pair; and each key block's dK, dV
-    are complete after one step (5 matmuls over BM x BN scores) and stored at once.
-    Key blocks as in the forward: unmasked whole blocks and one TAIL_N block for the ragged
-    keys of unpadded, non-causal calls; every block masked otherwise.
+    (over these rows) are complete after one step (5 matmuls over BM x BN scores) and stored
+    at once: into DK, DV, or, chunked, into fp32 partial buffers at DK + chunk * s_chunk,
+    which `_attn_bwd_sum_chunks` adds up. Key blocks as in the forward: unmasked whole blocks
+    and one TAIL_N block for the ragged keys of unpadded, non-causal calls; every block masked
+    otherwise.
     """
     pid_bh = tl.program_id(0)
+    chunk = CHUNK0 + tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
     h = pid_bh % H
-    rows = tl.arange(0, BLOCK_M)  # (BM,)
+    rows = ROW0 + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    DK = DK + chunk.to(tl.int64) * s_chunk  # this chunk's partial dK, dV (s_chunk 0: final)
+    DV = DV + chunk.to(tl.int64) * s_chunk
     offs_d = tl.arange(0, BLOCK_D)  # (BD,)
     d_ok = offs_d < HEAD_D
     row_ok = rows < SEQ_Q
@@ -409,3 +416,32 @@ def _attn_bwd_resident(
                                  sm_scale, SEQ_Q, SEQ_K, TAIL_N, True, CAUSAL, HAS_KPM)
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqs + offs_d[None, :] * sdqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _attn_bwd_sum_chunks(
+    DKP, DVP, DK, DV,
+    sdkb, sdkh, sdks, sdkd,
+    sdvb, sdvh, sdvs, sdvd,
+    s_chunk, CHUNKS, H, SEQ_K,
+    HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK, dV = the sums of the chunked resident kernel's fp32 partials (CHUNKS, B, H, Sk,
+    BLOCK_D), in a fixed order (bitwise repeatable). Grid: (cdiv(Sk, BLOCK_N), B * H)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BD,)
+    part = pid_bh.to(tl.int64) * SEQ_K * BLOCK_D + cols[:, None] * BLOCK_D + offs_d[None, :]
+    in_seq = cols[:, None] < SEQ_K
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for c in range(CHUNKS):
+        dk += tl.load(DKP + c * s_chunk + part, mask=in_seq, other=0.0)  # (BN, BD)
+        dv += tl.load(DVP + c * s_chunk + part, mask=in_seq, other=0.0)
+    mask = in_seq & (offs_d < HEAD_D)[None, :]  # (BN, BD)
+    tl.store(DK + b * sdkb + h * sdkh + cols[:, None] * sdks + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + b * sdvb + h * sdvh + cols[:, None] * sdvs + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=mask)
