@@ -7,8 +7,10 @@ table keyed by (Sq, Sk, head-dim block, causal); `attention_triton` then launche
 a matching shape, the measured tiles, and the backward plan that was faster, where no
 `tile_override` is set. Other shapes keep the built-in heuristics. The table is process-wide.
 
-Also here, the geometry of ragged sequence tails (`tail_block`, `_query_launches`): the
-positions after the last whole block of a tile run in a smaller block of their own.
+Also here: the tile overrides (`Blocks`, `tile_override`, `set_tile_override`), which come
+before the table and the heuristics, and the geometry of ragged sequence tails (`tail_block`,
+`_query_launches`): the positions after the last whole block of a tile run in a smaller block
+of their own.
 """
 from __future__ import annotations
 
