@@ -12,8 +12,8 @@ DEMO_NAME ?= demo_digits
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-cache-dir "$(TORCH_SPEC)"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-cache-dir -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
