@@ -24,7 +24,7 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
     sweep its tile sizes (CUDA only)."""
     import torch
 
-    from mmpretrain.kernels import bench
+    from mmpretrain.kernels import bench, sweep
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     warmup = args.warmup if args.warmup is not None else (5 if args.sweep else 10)
@@ -38,7 +38,7 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
             load_tile_table(args.tiles)  # the `triton` column launches the measured tiles
         entries = _precompile(args, shapes, dtype)
         if args.sweep:
-            records = bench.sweep_tiles(  # progress on stderr, and the JSON kept current:
+            records = sweep.sweep_tiles(  # progress on stderr, and the JSON kept current:
                 shapes, dtype, warmup=warmup, iters=iters,  # partial results if killed
                 progress=_sweep_progress(args.json))
         else:
@@ -54,7 +54,7 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
         print(f"Triton kernels the JIT compiled while timing: "
               f"{cache_entries(entries[0]) - entries[1]}",
               file=sys.stderr)  # 0 when the precompile's cache keys matched
-    print(bench.format_best(records) if args.sweep else bench.format_table(records))
+    print(sweep.format_best(records) if args.sweep else bench.format_table(records))
     if args.json:
         bench.write_json(records, args.json)
     return 0
@@ -63,15 +63,15 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
 def _sweep_progress(json_path: str):  # noqa: ANN202
     """Per sweep record: a line on stderr, and (with --json) the file rewritten with every
     record so far and its best-of marks, so a sweep cut short still leaves a usable table."""
-    from mmpretrain.kernels import bench
+    from mmpretrain.kernels import bench, sweep
 
     done: list[dict] = []
 
     def progress(rec: dict) -> None:
-        print(bench.progress_line(rec), file=sys.stderr, flush=True)
+        print(sweep.progress_line(rec), file=sys.stderr, flush=True)
         if json_path:
             done.append(dict(rec))
-            bench.write_json(bench.mark_best(done), json_path)
+            bench.write_json(sweep.mark_best(done), json_path)
     return progress
 
 

@@ -289,14 +289,14 @@ def test_model_jobs_are_the_towers_packed_launches() -> None:
 
 
 def test_sweep_jobs_cover_every_candidate() -> None:
-    from mmpretrain.kernels import bench, precompile
+    from mmpretrain.kernels import bench, precompile, sweep
 
     jobs = precompile.sweep_jobs(["vit_b16", "long"], torch.bfloat16, 90, 132)
     by_shape = {s: [j for j in jobs if j.shape == s] for s in ("vit_b16", "long")}
     for shape, block_d, fused in (("vit_b16", 64, 22), ("long", 128, 0)):  # 6 resident
         kinds = [j.kernels for j in by_shape[shape]]
-        assert kinds.count(("fwd",)) == len(bench.fwd_candidates(bench.SHAPES[shape][2],
+        assert kinds.count(("fwd",)) == len(sweep.fwd_candidates(bench.SHAPES[shape][2],
                                                                   block_d))
-        assert kinds.count(precompile.BWD_SPLIT) == len(bench.bwd_candidates(block_d))
+        assert kinds.count(precompile.BWD_SPLIT) == len(sweep.bwd_candidates(block_d))
         assert kinds.count(precompile.BWD_FUSED) == fused  # long sequences: never fused
     assert len({j.tiles for j in jobs}) > 40 and all(j.arch == 90 for j in jobs)

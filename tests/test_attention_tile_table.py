@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mmpretrain.kernels import attention_triton as at
-from mmpretrain.kernels import bench, tiles
+from mmpretrain.kernels import bench, sweep, tiles
 from mmpretrain.kernels.attention_triton import Blocks, tile_override
 
 
@@ -35,8 +35,8 @@ def _sweep_file(tmp_path: Path, fused_ms: float) -> Path:
         return 5.0 - (override["bwd_kv"].m == 64) + override["bwd_q"].stages / 10
     recs = []
     for shape in ("vit_b16", "text_causal"):
-        recs += bench.sweep_shape(shape, bench.fwd_candidates(197, 64), bench.bwd_candidates(64),
-                                  timer, fused_cands=bench.fused_candidates(64))
+        recs += sweep.sweep_shape(shape, sweep.fwd_candidates(197, 64), sweep.bwd_candidates(64),
+                                  timer, fused_cands=sweep.fused_candidates(64))
     path = tmp_path / "tiles.json"
     path.write_text(json.dumps({"meta": {"gpu": "NVIDIA H200"}, "records": recs}))
     return path
@@ -114,7 +114,7 @@ def test_sweep_cut_short_leaves_a_usable_table(tmp_path: Path, monkeypatch: pyte
     from mmpretrain.cli import main
 
     def fake_sweep(shapes, dtype, warmup, iters, progress):  # noqa: ANN001, ANN202
-        bench.sweep_shape("vit_b16", [Blocks(64, 64, 4, 2), Blocks(128, 64, 4, 3)],
+        sweep.sweep_shape("vit_b16", [Blocks(64, 64, 4, 2), Blocks(128, 64, 4, 3)],
                           [(Blocks(32, 128, 4, 2), Blocks(128, 32, 4, 2))],
                           lambda kernel, override: 1.0 + (override.get("fwd") or
                                                           Blocks(1, 1)).m / 1000,
@@ -123,7 +123,7 @@ def test_sweep_cut_short_leaves_a_usable_table(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
-    monkeypatch.setattr(bench, "sweep_tiles", fake_sweep)
+    monkeypatch.setattr(sweep, "sweep_tiles", fake_sweep)
     path = tmp_path / "tiles.json"
     assert main(["bench", "attention", "--sweep", "--shapes", "vit_b16,text_causal",
                  "--json", str(path), "--precompile-workers", "0"]) == 2

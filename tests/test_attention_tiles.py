@@ -19,7 +19,7 @@ import torch
 
 from helpers import REPO, clean_env
 from mmpretrain.kernels import attention_triton as at
-from mmpretrain.kernels import bench
+from mmpretrain.kernels import bench, sweep
 from mmpretrain.kernels.attention_triton import Blocks, set_tile_override, tile_override
 
 pytest.importorskip("triton")
@@ -259,30 +259,30 @@ def no_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("block_d, n_fwd, n_bwd", [(64, 24, 10), (128, 19, 8)])
 def test_candidates(block_d: int, n_fwd: int, n_bwd: int) -> None:
     """Counts as stated in the docstrings; the default first; every one fits and is valid."""
-    fwd, bwd = bench.fwd_candidates(197, block_d), bench.bwd_candidates(block_d)
+    fwd, bwd = sweep.fwd_candidates(197, block_d), sweep.bwd_candidates(block_d)
     assert (len(fwd), len(bwd)) == (n_fwd, n_bwd)
     assert fwd[0] == at._fwd_blocks(197, block_d) and bwd[0] == at._bwd_blocks(block_d)
     assert len(set(fwd)) == len(fwd) and len(set(bwd)) == len(bwd)
     for b in fwd:
         at._validate_blocks("fwd", b)
-        assert bench.fwd_fits(b, block_d) and b.m in bench.FWD_M and b.n in bench.FWD_N
+        assert sweep.fwd_fits(b, block_d) and b.m in sweep.FWD_M and b.n in sweep.FWD_N
         assert b.m // b.warps >= 16
     for kv, q in bwd:
         at._validate_blocks("bwd_kv", kv)
         at._validate_blocks("bwd_q", q)
-        assert bench.bwd_fits(kv, q, block_d)
+        assert sweep.bwd_fits(kv, q, block_d)
 
 
 @pytest.mark.usefixtures("no_interpreter")
 @pytest.mark.parametrize("block_d, count", [(64, 16), (128, 8)])
 def test_fused_candidates(block_d: int, count: int) -> None:
-    fused = bench.fused_candidates(block_d)
+    fused = sweep.fused_candidates(block_d)
     assert len(fused) == count == len(set(fused)) and fused[0] == at._fused_blocks(block_d)
     for b in fused:
         at._validate_blocks("bwd_fused", b)
-        assert bench.fused_fits(b, block_d)
-    assert not bench.fused_fits(Blocks(128, 128, 4, 1), 64)  # 320 fp32 values per thread
-    assert not bench.fused_fits(Blocks(128, 128, 8, 2), 128)  # 256 KiB of shared memory
+        assert sweep.fused_fits(b, block_d)
+    assert not sweep.fused_fits(Blocks(128, 128, 4, 1), 64)  # 320 fp32 values per thread
+    assert not sweep.fused_fits(Blocks(128, 128, 8, 2), 128)  # 256 KiB of shared memory
 
 
 @pytest.mark.usefixtures("no_interpreter")
@@ -290,14 +290,14 @@ def test_resident_candidates_and_plan() -> None:
     """Given Sq, the fused candidates add the resident tiles (query block = next_pow2(Sq)),
     judged with Q and dO resident in shared memory; `triton_resident` forces the heuristic's
     resident tile and refuses a shape that has none."""
-    fused = bench.fused_candidates(64, sq=197)
+    fused = sweep.fused_candidates(64, sq=197)
     resident = [b for b in fused if b.m >= 197]
     assert fused[0] == Blocks(256, 32, 8, 2) and len(fused) == len(set(fused)) == 22
     assert {b.m for b in resident} == {256} and len(resident) == 6
-    assert all(bench.fused_fits(b, 64, sq=197) for b in fused)
+    assert all(sweep.fused_fits(b, 64, sq=197) for b in fused)
     # the same tile as a query-blocked one streams Q/dO stages, as a resident one K/V stages
-    assert bench.fused_fits(Blocks(256, 64, 8, 2), 64, sq=197)
-    assert bench.fused_candidates(64, sq=257) == bench.fused_candidates(64)  # 512 rows: none
+    assert sweep.fused_fits(Blocks(256, 64, 8, 2), 64, sq=197)
+    assert sweep.fused_candidates(64, sq=257) == sweep.fused_candidates(64)  # 512 rows: none
     assert bench.plan_override("triton_resident", 64, 90, 77) == {
         "bwd_fused": Blocks(128, 32, 8, 2)}
     assert bench.plan_override("triton_fused", 64, 90, 77) == {"bwd_fused": Blocks(64, 64, 4, 2)}
@@ -310,15 +310,15 @@ def test_resident_candidates_and_plan() -> None:
 
 
 def test_fits_prunes_what_cannot_fit() -> None:
-    assert not bench.fwd_fits(Blocks(128, 128, 8, 4), 128)  # 288 KiB of shared memory
-    assert bench.fwd_fits(Blocks(128, 128, 8, 4), 64)  # 144 KiB
-    assert not bench.fwd_fits(Blocks(128, 128, 4, 2), 128)  # 256 fp32 values per thread
-    assert not bench.fwd_fits(Blocks(64, 32, 8, 2), 64)  # 8 rows per warp
-    assert not bench.bwd_fits(Blocks(32, 128, 4, 2), Blocks(128, 32, 4, 2), 128)  # dk, dv regs
-    assert bench.bwd_fits(Blocks(32, 128, 8, 2), Blocks(128, 32, 8, 2), 128)
+    assert not sweep.fwd_fits(Blocks(128, 128, 8, 4), 128)  # 288 KiB of shared memory
+    assert sweep.fwd_fits(Blocks(128, 128, 8, 4), 64)  # 144 KiB
+    assert not sweep.fwd_fits(Blocks(128, 128, 4, 2), 128)  # 256 fp32 values per thread
+    assert not sweep.fwd_fits(Blocks(64, 32, 8, 2), 64)  # 8 rows per warp
+    assert not sweep.bwd_fits(Blocks(32, 128, 4, 2), Blocks(128, 32, 4, 2), 128)  # dk, dv regs
+    assert sweep.bwd_fits(Blocks(32, 128, 8, 2), Blocks(128, 32, 8, 2), 128)
     # fp32 doubles the shared memory: a config that fits in bf16 may not
-    assert bench.fwd_fits(Blocks(128, 64, 8, 4), 128) and \
-        not bench.fwd_fits(Blocks(128, 64, 8, 4), 128, elt=4)
+    assert sweep.fwd_fits(Blocks(128, 64, 8, 4), 128) and \
+        not sweep.fwd_fits(Blocks(128, 64, 8, 4), 128, elt=4)
 
 
 def _fake_timer(calls: list[tuple[str, dict]]):  # noqa: ANN202
@@ -344,10 +344,10 @@ def _fake_timer(calls: list[tuple[str, dict]]):  # noqa: ANN202
 @pytest.mark.usefixtures("no_interpreter")
 def test_sweep_shape_with_fake_timer() -> None:
     calls: list[tuple[str, dict]] = []
-    fwd, bwd = bench.fwd_candidates(197, 64), bench.bwd_candidates(64)
-    fused = bench.fused_candidates(64)
+    fwd, bwd = sweep.fwd_candidates(197, 64), sweep.bwd_candidates(64)
+    fused = sweep.fused_candidates(64)
     seen: list[dict] = []
-    recs = bench.sweep_shape("vit_b16", fwd, bwd, _fake_timer(calls), progress=seen.append,
+    recs = sweep.sweep_shape("vit_b16", fwd, bwd, _fake_timer(calls), progress=seen.append,
                              fused_cands=fused)
     assert seen == recs and len(recs) == len(fwd) + len(bwd) + len(fused) == len(calls)
     by_kernel = {k: [r for r in recs if r["kernel"] == k] for k in ("fwd", "bwd", "bwd_fused")}
@@ -373,9 +373,9 @@ def test_sweep_shape_with_fake_timer() -> None:
     best_fwd = Blocks(**next(r for r in by_kernel["fwd"] if r["best"])["config"]["fwd"])
     assert all(ov["fwd"] == best_fwd for kernel, ov in calls if kernel == "bwd")
     json.dumps(recs)  # JSON-serializable as written by --json
-    table = bench.format_best(recs)
+    table = sweep.format_best(recs)
     assert table.count("\n") == 4 and "vit_b16" in table and "OutOfResources" not in table
-    assert bench.config_label(next(r for r in by_kernel["bwd"] if r["best"])) in table
+    assert sweep.config_label(next(r for r in by_kernel["bwd"] if r["best"])) in table
     assert "kv32x128 q128x32 w4 s2" in table and "fused128x64 w8 s1" in table
 
 
@@ -388,16 +388,16 @@ def test_sweep_when_every_forward_fails() -> None:
         if kernel == "fwd":
             raise ValueError("boom")
         return 2.0
-    recs = bench.sweep_shape("long", [Blocks(64, 64)], [(Blocks(32, 64), Blocks(64, 32))], timer)
+    recs = sweep.sweep_shape("long", [Blocks(64, 64)], [(Blocks(32, 64), Blocks(64, 32))], timer)
     assert recs[0]["skipped"] == "ValueError" and not recs[0]["best"]
     assert recs[1]["best"] and calls[1][1]["fwd"] is None and recs[1]["config"]["fwd"] is None
-    assert "n/a: every config skipped (ValueError)" in bench.format_best(recs)
+    assert "n/a: every config skipped (ValueError)" in sweep.format_best(recs)
 
 
 def test_mark_best_ties_and_reruns() -> None:
     recs = [{"shape": "s", "kernel": "fwd", "ms": ms, "best": True} for ms in (2.0, 1.0, 1.0)]
     recs.append({"shape": "t", "kernel": "fwd", "ms": None, "best": True})
-    bench.mark_best(recs)
+    sweep.mark_best(recs)
     assert [r["best"] for r in recs] == [False, True, False, False]
 
 
@@ -406,7 +406,7 @@ def test_mark_best_ties_and_reruns() -> None:
 @pytest.mark.skipif(CUDA, reason="CUDA present: the sweep would really run")
 def test_sweep_without_cuda_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="CUDA GPU is required"):
-        bench.sweep_tiles(["vit_b16"], torch.float16)
+        sweep.sweep_tiles(["vit_b16"], torch.float16)
     proc = subprocess.run([sys.executable, "-m", "mmpretrain.cli", "bench", "attention",
                            "--sweep", "--shapes", "vit_b16", "--json", os.devnull], cwd=REPO,
                           env=clean_env(), capture_output=True, text=True, timeout=120)

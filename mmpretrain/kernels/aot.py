@@ -262,7 +262,8 @@ def aot_table(shape_names: list[str], arch: int = 90, dtype: torch.dtype = torch
     from dataclasses import asdict
 
     from mmpretrain.kernels.attention_triton import FUSED_MAX_SEQ, _next_pow2
-    from mmpretrain.kernels.bench import (SHAPES, _config, bwd_candidates, fused_candidates,
+    from mmpretrain.kernels.bench import SHAPES
+    from mmpretrain.kernels.sweep import (_config, bwd_candidates, fused_candidates,
                                           fwd_candidates)
 
     unknown = [s for s in shape_names if s not in SHAPES]
@@ -290,7 +291,7 @@ def aot_table(shape_names: list[str], arch: int = 90, dtype: torch.dtype = torch
 
 def format_table(records: list[dict]) -> str:
     """`format_builds` of `aot_table` records, labelled by shape and tiles."""
-    from mmpretrain.kernels.bench import config_label
+    from mmpretrain.kernels.sweep import config_label
 
     rows = []
     for r in records:

@@ -107,8 +107,8 @@ def model_jobs(model: Any, batch: int, dtype: torch.dtype, arch: int, sms: int) 
 def sweep_jobs(shape_names: list[str], dtype: torch.dtype, arch: int, sms: int) -> list[Job]:
     """Jobs for `sweep_tiles` with its generated candidates: each forward tile alone, each
     split pair and (short sequences) each fused tile with the preprocess it sets."""
-    from mmpretrain.kernels.bench import (SHAPES, bwd_candidates, fused_candidates,
-                                          fwd_candidates)
+    from mmpretrain.kernels.bench import SHAPES
+    from mmpretrain.kernels.sweep import bwd_candidates, fused_candidates, fwd_candidates
 
     jobs = []
     elt = torch.finfo(dtype).bits // 8
