@@ -11,7 +11,8 @@ fully masked query rows give 0):
   on CPU only under Triton's interpreter, ``TRITON_INTERPRET=1``). Imported lazily.
 * ``auto``: the process default set by `set_default_impl` if it names a concrete implementation,
   otherwise by device: ``sdpa`` on CUDA, ``reference`` elsewhere (CPU, meta). ``triton`` is
-  opt-in until its GPU parity and benchmark are recorded (docs/PERFORMANCE.md).
+  opt-in: its bf16/fp16 GPU parity passed (H200, 2026-11-30), but SDPA's cuDNN backend was
+  faster on every benchmarked shape (docs/PERFORMANCE.md).
 """
 from __future__ import annotations
 
@@ -111,8 +112,8 @@ def get_default_impl() -> str:
 
 def _auto_impl(q: torch.Tensor) -> str:
     """Device/dtype/shape-based choice for ``impl="auto"``."""
-    # The Triton kernel is verified only under the interpreter (fp16/fp32) so far: until its
-    # bf16 parity and speed are measured on a GPU it is opt-in (`model.attention=triton`).
+    # The Triton kernel stays opt-in (`model.attention=triton`) until `bench attention`
+    # measures it faster than SDPA (cuDNN) on the shapes it would take over.
     if q.device.type == "cuda":
         return "sdpa"
     return "reference"
