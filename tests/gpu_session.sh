@@ -124,6 +124,19 @@ step() {
   echo "== $name rc=$? in $((SECONDS - t0))s" | tee -a "$log"
 }
 
+# mixed_choice FILE: 1 when FILE's speed table takes Triton for one of ViT-B/16's training
+# attention classes (image 197 tokens, causal text 77) and SDPA for the other, else 0
+mixed_choice() {
+  $py - "$1" <<'PY' 2>/dev/null || echo 0
+import sys
+from mmpretrain.kernels import speeds
+table = speeds.load_speed_table(sys.argv[1])
+picks = {bool(c and c.train) for c in (table.get((197, 197, 64, False, "bfloat16")),
+                                       table.get((77, 77, 64, True, "bfloat16")))}
+print(int(len(picks) > 1))
+PY
+}
+
 # One call for a short device budget: every step has its own time limit and appends to
 # $OUT/quick.txt as it finishes, so a step that hangs or fails costs only its own slot.
 quick() {
@@ -144,8 +157,12 @@ quick() {
   step 140 "bench train vit_b16 compiled vs compiled OpenCLIP, profiled" $py -m mmpretrain.cli \
     "${common[@]}" --model vit_b16 --batch 256 --compare open_clip --profile "$OUT/prof" \
     engine.compile=true
-  step 80 "bench train vit_b16 compiled + triton attention" $py -m mmpretrain.cli \
-    "${common[@]}" --model vit_b16 --batch 256 engine.compile=true model.attention=triton
+  # the Triton kernel in training: everywhere, or (model.attention_speeds, the table just
+  # measured) only for the shape classes where it beat SDPA, when that is a mix of ViT-B/16's two
+  local attn=(model.attention=triton)
+  [ "$(mixed_choice "$OUT/attention.json")" = 1 ] && attn=("model.attention_speeds=$OUT/attention.json")
+  step 80 "bench train vit_b16 compiled + ${attn[*]}" $py -m mmpretrain.cli \
+    "${common[@]}" --model vit_b16 --batch 256 engine.compile=true "${attn[@]}"
   step 110 "bench train vit_l14 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
     "${common[@]}" --model vit_l14 --batch 128 --compare open_clip engine.compile=true
   grep -E "^==|^precompile|compiled while|samples/s|ratio|ms |^(vit|text)|profile mm|^ +(phase|forward|backward|optimizer|other) |^device idle|^ +[0-9.]+ ms  " "$log" \

@@ -190,6 +190,28 @@ def test_mean_pooling_refuses_hf_export(demo_run: Path, tmp_path: Path) -> None:
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_run_from_another_machine_without_its_attention_files(demo_run: Path,
+                                                              tmp_path: Path) -> None:
+    """A run trained with model.attention_speeds / attention_tiles exports and loads for
+    evaluation where those files are not: they only chose kernels (a warning, not an error)."""
+    from mmpretrain.checkpoint.load import load_for_inference
+
+    run = tmp_path / "moved"
+    shutil.copytree(demo_run / "checkpoints", run / "checkpoints")
+    shutil.copytree(demo_run / "tokenizer", run / "tokenizer")
+    tree = yaml.safe_load((demo_run / "config.yaml").read_text())
+    tree["model"]["attention_speeds"] = "/elsewhere/attention.json"
+    tree["model"]["attention_tiles"] = "/elsewhere/tiles.json"
+    (run / "config.yaml").write_text(yaml.safe_dump(tree))
+    export(run, tmp_path / "out", hf=False)
+    state, cfg = load_exported(tmp_path / "out")
+    assert cfg.model.attention_speeds == "/elsewhere/attention.json"  # the record is kept
+    for source in (run, tmp_path / "out"):
+        cfg, model, tokenizer = load_for_inference(source)
+        assert tokenizer is not None and cfg.model.attention_tiles == "/elsewhere/tiles.json"
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 # ---- ZeRO-2 and ZeRO-3 on two ranks, SigLIP ---------------------------------------------------
 # eps=1 makes Adam's first steps gradient-proportional (not sign-like), so two engines agree to
 # fp32 round-off even where a gradient is pure cancellation noise.

@@ -167,11 +167,11 @@ def _zero_state(ckpt: Path, trust: bool) -> dict[str, torch.Tensor]:
 def _optimizer_param_names(cfg: ExperimentConfig) -> list[list[str]]:
     """Names of the trainer's optimizer groups' parameters, in group order (meta device)."""
     from mmpretrain.engine.optim import param_group_names
-    from mmpretrain.model import build_model
+    from mmpretrain.model import build_model, local_model_config
     from mmpretrain.model.task import build_task
 
     with torch.device("meta"):
-        task = build_task(cfg, build_model(cfg.model, cfg.loss.kind))
+        task = build_task(cfg, build_model(local_model_config(cfg.model), cfg.loss.kind))
     return param_group_names(task)
 
 
@@ -363,10 +363,10 @@ def prepare_hf(model_state: dict[str, torch.Tensor], cfg: ExperimentConfig,
     """CLIPConfig + CLIPModel weights for our weights; ExportError when they do not fit."""
     from transformers import CLIPConfig
 
-    from mmpretrain.model import build_model
+    from mmpretrain.model import build_model, local_model_config
 
     with torch.device("meta"):
-        model = build_model(cfg.model, cfg.loss.kind)
+        model = build_model(local_model_config(cfg.model), cfg.loss.kind)
     ids = ({"pad": tokenizer.pad_id, "sot": tokenizer.sot_id, "eot": tokenizer.eot_id}
            if tokenizer is not None else {"pad": 0, "sot": 2, "eot": 3})  # synthetic rows
     try:
@@ -396,11 +396,11 @@ def write_hf(out: Path, prep: HFExport, model_state: dict[str, torch.Tensor],
 
 def _check_model_keys(cfg: ExperimentConfig, state: dict[str, torch.Tensor]) -> list[str]:
     """Raise if weights of the configured model are missing or misshapen; return extra keys."""
-    from mmpretrain.model import build_model
+    from mmpretrain.model import build_model, local_model_config
 
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in build_model(cfg.model, cfg.loss.kind)
-                    .state_dict().items()}
+        model = build_model(local_model_config(cfg.model), cfg.loss.kind)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(k for k in expected if k not in state)
     wrong = sorted(k for k in expected if k in state and state[k].shape != expected[k])
     if missing or wrong:

@@ -87,9 +87,9 @@ def build_loaded_model(cfg: ExperimentConfig, state: dict[str, torch.Tensor],
                        origin: str) -> torch.nn.Module:
     """The model `cfg` describes with `state` loaded strictly; errors list missing/unexpected
     keys and name `origin`."""
-    from mmpretrain.model import build_model
+    from mmpretrain.model import build_model, local_model_config
 
-    model = build_model(cfg.model, cfg.loss.kind)
+    model = build_model(local_model_config(cfg.model, origin), cfg.loss.kind)
     expected = model.state_dict()
     missing = sorted(k for k in expected if k not in state)
     unexpected = sorted(k for k in state if k not in expected)

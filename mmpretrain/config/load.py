@@ -205,6 +205,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         (not cfg.engine.offload_params or (cfg.engine.zero_stage == 3
                                            and cfg.engine.offload_optimizer),
          "engine.offload_params needs engine.zero_stage=3 and engine.offload_optimizer=true"),
+        (not cfg.model.attention_speeds or cfg.model.attention == "auto",
+         "model.attention_speeds needs model.attention=auto (it chooses per shape; "
+         f"model.attention={cfg.model.attention} forces one implementation everywhere)"),
         (cfg.engine.compile or cfg.engine.compile_mode == "default",
          "engine.compile_mode needs engine.compile=true"),
         (not cfg.engine.compile or cfg.engine.zero_stage <= 2,

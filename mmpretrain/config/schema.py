@@ -166,12 +166,19 @@ class ModelConfig:
     """The logit scale is clamped to at most this value."""
     attention: Literal["auto", "reference", "sdpa", "triton"] = "auto"
     """Attention implementation: `auto` picks by device (SDPA on CUDA, plain PyTorch on CPU;
-    the fused Triton kernel is opt-in until its GPU timings are recorded); the others force
-    one (`triton` on CPU only under `TRITON_INTERPRET=1`)."""
+    the fused Triton kernel where `attention_speeds` measured it faster, else opt-in); the
+    others force one (`triton` on CPU only under `TRITON_INTERPRET=1`)."""
     attention_tiles: str = ""
     """Path of a `mmpretrain bench attention --sweep --json` file: the Triton kernel then uses
     the tiles and backward plan measured fastest there for attention calls of the same sequence
     lengths, head dim and causality (the built-in heuristics elsewhere). Empty: heuristics."""
+    attention_speeds: str = ""
+    """Path of a `mmpretrain bench attention --json` file: with `attention: auto` on CUDA, the
+    fused Triton kernel takes the attention calls of the sequence lengths, head dim, causality
+    and dtype it was measured faster than every SDPA backend there (fwd+bwd for training,
+    fwd without gradients); SDPA elsewhere. Choices are logged when the file loads. Empty:
+    SDPA on CUDA. A run's saved config whose file is missing (another machine) falls back
+    to SDPA with a warning."""
     activation_checkpointing: bool = False
     """Recompute each Transformer block in the backward pass to save activation memory."""
 

@@ -209,10 +209,12 @@ def _plan(trainer: Any) -> dict[str, Any]:
 
 
 def _precompile_attention(cfg: Any, local_rank: int) -> dict[str, Any] | None:
-    """With the Triton attention on CUDA, compile its kernels for both towers' shapes in
-    parallel processes before the run (as `bench attention` does), so that the warm-up steps
-    do not compile them one after another. One process per node does it."""
-    if cfg.model.attention != "triton" or not torch.cuda.is_available() or local_rank != 0:
+    """With the Triton attention on CUDA (forced, or where `model.attention_speeds` may take
+    it), compile its kernels for both towers' shapes in parallel processes before the run (as
+    `bench attention` does), so that the warm-up steps do not compile them one after another.
+    One process per node does it."""
+    triton = cfg.model.attention == "triton" or bool(cfg.model.attention_speeds)
+    if not triton or not torch.cuda.is_available() or local_rank != 0:
         return None
     from mmpretrain.engine.ds_config import precision_dtype, resolve_precision
     from mmpretrain.kernels.attention_triton import device_arch, device_sms

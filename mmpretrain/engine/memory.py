@@ -155,7 +155,7 @@ def _with_depths(cfg: Any, depths: dict[str, int]) -> Any:
     for tower, n in depths.items():
         setattr(model, tower, replace(getattr(model, tower), layers=n))
     return replace(cfg, model=replace(model, attention="sdpa", activation_checkpointing=False,
-                                      attention_tiles=""))
+                                      attention_tiles="", attention_speeds=""))
 
 
 @contextlib.contextmanager
@@ -221,7 +221,8 @@ def plan_memory(cfg: Any, world: int, precision: str, measured: dict[str, int] |
     from mmpretrain.model import build_model
 
     with _scratch_builds(), torch.device("meta"):
-        model = build_model(replace(cfg.model, attention_tiles=""), cfg.loss.kind)
+        model = build_model(replace(cfg.model, attention_tiles="", attention_speeds=""),
+                            cfg.loss.kind)
     params = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     eng = cfg.engine

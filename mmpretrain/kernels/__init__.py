@@ -12,7 +12,9 @@ fully masked query rows give 0):
 * ``auto``: the process default set by `set_default_impl` if it names a concrete implementation,
   otherwise by device: ``sdpa`` on CUDA, ``reference`` elsewhere (CPU, meta). ``triton`` is
   opt-in: its bf16/fp16 GPU parity passed (H200, 2026-11-30), but SDPA's cuDNN backend was
-  faster on every benchmarked shape (docs/PERFORMANCE.md).
+  faster on every benchmarked shape (docs/PERFORMANCE.md). With a measured speed table
+  loaded (`kernels/speeds.py`, `model.attention_speeds`), ``auto`` on CUDA takes ``triton``
+  for the shape classes where `bench attention` timed it faster than every SDPA backend.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mmpretrain.kernels.reference import attention_reference, build_keep_mask, causal_mask
+from mmpretrain.kernels.speeds import prefers_triton
 
 __all__ = [
     "attention", "attention_packed", "attention_reference", "available_impls", "causal_mask",
@@ -110,19 +113,22 @@ def get_default_impl() -> str:
     return _default_impl
 
 
-def _auto_impl(q: torch.Tensor) -> str:
+def _auto_impl(q: torch.Tensor, sk: int, causal: bool, padded: bool) -> str:
     """Device/dtype/shape-based choice for ``impl="auto"``."""
-    # The Triton kernel stays opt-in (`model.attention=triton`) until `bench attention`
-    # measures it faster than SDPA (cuDNN) on the shapes it would take over.
+    # The Triton kernel is opt-in (`model.attention=triton`), or taken per shape class where
+    # a loaded speed table measured it faster than every SDPA backend (`kernels/speeds.py`).
     if q.device.type == "cuda":
-        return "sdpa"
+        return "triton" if prefers_triton(q, sk, causal, padded) else "sdpa"
     return "reference"
 
 
-def resolve_impl(impl: str, q: torch.Tensor) -> str:
-    """The concrete implementation name `attention` would use for `impl` and this query."""
+def resolve_impl(impl: str, q: torch.Tensor, sk: int | None = None, causal: bool = False,
+                 padded: bool = False) -> str:
+    """The concrete implementation name `attention` would use for `impl` and this query
+    (q: (B, H, Sq, D); `sk` keys, default Sq; `padded`: a key padding mask is given)."""
     if impl == "auto":
-        impl = _default_impl if _default_impl != "auto" else _auto_impl(q)
+        impl = _default_impl if _default_impl != "auto" else _auto_impl(
+            q, q.shape[2] if sk is None else sk, causal, padded)
     if impl not in _IMPLS:
         raise ValueError(
             f"unknown attention implementation {impl!r}; choose one of {available_impls()}")
@@ -152,7 +158,7 @@ def attention(
     `key_padding_mask` (B, Sk) bool, True = attend; `causal` is bottom-right aligned;
     `scale` defaults to D ** -0.5; `impl` is one of `available_impls()`.
     """
-    name = resolve_impl(impl, q)
+    name = resolve_impl(impl, q, k.shape[2], causal, key_padding_mask is not None)
     _log_choice(name, q, causal)
     return _IMPLS[name](q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
 
@@ -182,7 +188,7 @@ def attention_packed(
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must have shape (B, S, 3, H, D), got {tuple(qkv.shape)}")
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, D), strided views
-    name = resolve_impl(impl, q)
+    name = resolve_impl(impl, q, k.shape[2], causal, key_padding_mask is not None)
     if name == "triton":
         _log_choice(name, q, causal)
         return _attention_packed_triton(qkv, causal=causal, key_padding_mask=key_padding_mask,
