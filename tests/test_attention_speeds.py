@@ -158,9 +158,10 @@ def test_config_and_model_build(tmp_path: Path, caplog: pytest.LogCaptureFixture
         build_model(replace(missing.model, attention_tiles=""))
     with caplog.at_level(logging.WARNING, logger="mmpretrain.model"):
         local = local_model_config(missing.model, "run r1")
+        assert local_model_config(missing.model, "run r1") == local  # warned once
     assert local.attention_speeds == "" and local.attention_tiles == ""
     assert "run r1 names model.attention_speeds=" in caplog.text and "gone.json" in caplog.text
-    assert "model.attention_tiles=" in caplog.text
+    assert "model.attention_tiles=" in caplog.text and caplog.text.count("gone.json") == 1
 
 
 @pytest.mark.gpu

@@ -19,6 +19,7 @@ __all__ = ["CLIP", "CoCa", "TextTransformer", "VisionTransformer", "build_model"
            "count_parameters", "local_model_config"]
 
 logger = logging.getLogger("mmpretrain.model")
+_warned: set[tuple[str, str]] = set()
 
 
 def build_model(cfg: ModelConfig, loss_kind: str = "clip") -> CLIP:
@@ -52,8 +53,10 @@ def local_model_config(cfg: ModelConfig, origin: str = "the saved config") -> Mo
     for name in ("attention_tiles", "attention_speeds"):
         path = getattr(cfg, name)
         if path and not Path(path).is_file():
-            logger.warning("%s names model.%s=%s, which is not here; using the built-in "
-                           "attention choices instead", origin, name, path)
+            if (name, path) not in _warned:  # export builds the model up to three times
+                _warned.add((name, path))
+                logger.warning("%s names model.%s=%s, which is not here; using the built-in "
+                               "attention choices instead", origin, name, path)
             drop[name] = ""
     return replace(cfg, **drop) if drop else cfg
 
