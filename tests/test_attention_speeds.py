@@ -99,6 +99,24 @@ def test_auto_dispatch_follows_the_table(tmp_path: Path) -> None:
     assert kernels.resolve_impl("auto", cpu_q) == "reference"  # off CUDA, never the table
 
 
+def test_dynamo_traces_the_choice_and_guards_grad_mode(tmp_path: Path) -> None:
+    """Inside torch.compile (fullgraph, as the compiled blocks are) the choice is traced, not
+    a graph break, and a call without gradients is not served the training call's graph."""
+    dims = [2, 2, 8, 8, 16]
+    speeds.load_speed_table(_write(tmp_path, [
+        {**_cell("triton", dims, 0.3, 0.1), "dtype": "float32"},  # wins only with backward
+        {**_cell("sdpa_cudnn", dims, 0.2, 0.2), "dtype": "float32"}]))
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def pick(q: torch.Tensor) -> torch.Tensor:
+        return q * 2 if speeds.prefers_triton(q, 8, False, False) else q * 3
+
+    q = torch.ones(2, 2, 8, 16, requires_grad=True)
+    assert pick(q).flatten()[0].item() == 2
+    with torch.no_grad():
+        assert pick(q).flatten()[0].item() == 3
+
+
 @pytest.mark.parametrize("content, match", [
     ("not json", "not a `mmpretrain bench attention --json` file"),
     ({"records": {"a": 1}}, "records is not a list"),
