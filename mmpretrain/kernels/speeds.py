@@ -49,7 +49,7 @@ def clear_speed_table() -> None:
 
 def lookup(sq: int, sk: int, dim: int, causal: bool, dtype: torch.dtype) -> SpeedChoice | None:
     """The loaded table's entry for this shape class, or None."""
-    return _table.get((sq, sk, dim, bool(causal), _dtype_name(dtype))) if _table else None
+    return _table.get((sq, sk, dim, bool(causal), _dtype_name(dtype)))
 
 
 def prefers_triton(q: torch.Tensor, sk: int, causal: bool, padded: bool) -> bool:
@@ -76,11 +76,11 @@ def load_speed_table(path: str | Path) -> dict[SpeedKey, SpeedChoice]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"attention speeds {path}: not a `mmpretrain bench attention --json` "
                          f"file ({type(e).__name__}: {e})") from e
-    cells: dict[SpeedKey, dict[tuple[int, int], dict[str, dict]]] = {}
+    cells: dict[SpeedKey, dict[tuple[int, int], dict[str, tuple[float, float]]]] = {}
     for i, rec in enumerate(records):
-        key, size = _record_key(path, i, rec)
-        if "error" not in rec:
-            cells.setdefault(key, {}).setdefault(size, {})[rec["impl"]] = rec
+        key, size, times = _record_key(path, i, rec)
+        if times is not None:
+            cells.setdefault(key, {}).setdefault(size, {})[rec["impl"]] = times
     table = {key: choice for key, shapes in cells.items()
              if (choice := _choice(shapes)) is not None}
     _table.clear()
@@ -93,9 +93,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _record_key(path: Path, i: int, rec: object) -> tuple[SpeedKey, tuple[int, int]]:
-    """(shape class, (B, H)) of record `i`; ValueError if it is not a bench attention cell
-    (a `--sweep` file's records have `kernel` and `config` instead)."""
+def _record_key(path: Path, i: int,
+                rec: object) -> tuple[SpeedKey, tuple[int, int], tuple[float, float] | None]:
+    """(shape class, (B, H), (fwd ms, fwd+bwd ms) or None for a failed cell) of record `i`;
+    ValueError if it is not a bench attention cell (a `--sweep` file's records have `kernel`
+    and `config` instead)."""
     hint = " (a --sweep file? use it as model.attention_tiles)" if \
         isinstance(rec, dict) and "kernel" in rec else ""
     error = ValueError(f"attention speeds {path}: record {i} is not a bench attention cell "
@@ -105,29 +107,28 @@ def _record_key(path: Path, i: int, rec: object) -> tuple[SpeedKey, tuple[int, i
     try:
         batch, heads, sq, sk, dim = (int(x) for x in rec["dims"])
         key = (sq, sk, dim, bool(rec["causal"]), str(rec["dtype"]))
-        if "error" not in rec:
-            rec["fwd_ms"], rec["fwd_bwd_ms"] = float(rec["fwd_ms"]), float(rec["fwd_bwd_ms"])
+        times = None if "error" in rec else (float(rec["fwd_ms"]), float(rec["fwd_bwd_ms"]))
     except (KeyError, TypeError, ValueError) as e:
         raise error from e
-    return key, (batch, heads)
+    return key, (batch, heads), times
 
 
-def _choice(shapes: dict[tuple[int, int], dict[str, dict]]) -> SpeedChoice | None:
+def _choice(shapes: dict[tuple[int, int], dict[str, tuple[float, float]]]) -> SpeedChoice | None:
     """The class's SpeedChoice from its shapes' cells; None unless some shape has both a
     `triton` and an `sdpa_*` measurement (only such shapes count)."""
     sums = [0.0, 0.0, 0.0, 0.0]
     train = infer = True
     names: set[str] = set()
     for cells in shapes.values():
-        sdpa = [r for name, r in cells.items() if name.startswith("sdpa_")]
+        sdpa = [name for name in cells if name.startswith("sdpa_")]
         triton = cells.get("triton")
         if triton is None or not sdpa:
             continue
-        best_fwd = min(sdpa, key=lambda r: r["fwd_ms"])
-        best = min(sdpa, key=lambda r: r["fwd_bwd_ms"])
-        names |= {best["impl"], best_fwd["impl"]}
-        times = (triton["fwd_ms"], triton["fwd_bwd_ms"], best_fwd["fwd_ms"], best["fwd_bwd_ms"])
-        sums = [s + float(t) for s, t in zip(sums, times)]
+        best_fwd = min(sdpa, key=lambda name: cells[name][0])
+        best = min(sdpa, key=lambda name: cells[name][1])
+        names |= {best, best_fwd}
+        times = (*triton, cells[best_fwd][0], cells[best][1])
+        sums = [s + t for s, t in zip(sums, times)]
         infer &= times[0] < times[2]
         train &= times[1] < times[3]
     if not names:
