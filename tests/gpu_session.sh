@@ -2,13 +2,14 @@
 # Everything that needs a GPU, in as few device calls as possible (each call <= 10 minutes).
 #
 # Here, once:   ../shared/tools/gpu-wheels.sh .whl && echo /.whl/ >> .git/info/exclude
+#               python3 -m pip download -q --no-deps --only-binary=:all: -d .whl torchao==0.18.0
 # On the device machine (the `run` tool, carry [".whl"]), one stage per call:
 #   bash tests/gpu_session.sh check       # GPU tests: kernel parity bf16/fp16, kernel on/off training
 #   bash tests/gpu_session.sh attention   # mmpretrain bench attention, every shape and backend
 #   bash tests/gpu_session.sh tiles       # bench attention --sweep: tile sizes and backward plans
 #   bash tests/gpu_session.sh train       # bench train ViT-B/32, B/16, L/14 vs compiled OpenCLIP
 #   bash tests/gpu_session.sh levers      # ViT-B/16: per-step sync, compile, triton, CUDA graphs,
-#                                         # foreach AdamW, fused loss; bench loss (fp32, TF32)
+#                                         # foreach AdamW, fused loss, float8; bench loss (fp32, TF32)
 #   bash tests/gpu_session.sh memory      # ViT-g/14 .. ViT-e/14, ZeRO-3 (+ offload), capped at 80 GB
 #   bash tests/gpu_session.sh shards      # ViT-B/16 from real JPEG shards (8 workers) vs synthetic
 #   bash tests/gpu_session.sh quick       # what matters most, in one call of <= 9 minutes
@@ -17,6 +18,7 @@
 #   bash tests/gpu_session.sh profile     # where ViT-B/16's step time goes, ours vs OpenCLIP
 #   bash tests/gpu_session.sh compare     # ViT-B/16 and B/32 vs compiled OpenCLIP, <= 4 minutes
 #   bash tests/gpu_session.sh autotune    # ViT-B/16 with compile_mode=max-autotune (AUTOTUNE_LIMIT s)
+#   bash tests/gpu_session.sh float8      # engine.float8 (torchao): B/16 two recipes, B/32, L/14
 #   bash tests/gpu_session.sh all         # check, attention, train (may not fit one call)
 # Results land in $OUT (logs and JSON; at most 8 files come back).
 set -uo pipefail
@@ -75,7 +77,8 @@ levers() {
                  "engine.compile=true model.attention=triton" \
                  "engine.compile=true engine.compile_mode=reduce-overhead" \
                  "engine.compile=true engine.compile_mode=reduce-overhead model.attention=triton" \
-                 "optim.impl=foreach" "loss.fused=true"; do
+                 "optim.impl=foreach" "loss.fused=true" \
+                 "engine.compile=true engine.float8=tensorwise"; do
     timeout -k 10 100 $py -m mmpretrain.cli bench train --model vit_b16 --batch 256 --zero 1 \
       --steps 20 --warmup 8 --json $variant > "$OUT/lever.out" 2>> "$OUT/levers.log"
     echo "bench train vit_b16 [$variant] rc=$?"
@@ -124,16 +127,16 @@ step() {
   echo "== $name rc=$? in $((SECONDS - t0))s" | tee -a "$log"
 }
 
-# mixed_choice FILE: 1 when FILE's speed table takes Triton for one of ViT-B/16's training
-# attention classes (image 197 tokens, causal text 77) and SDPA for the other, else 0
-mixed_choice() {
-  $py - "$1" <<'PY' 2>/dev/null || echo 0
+# triton_choice FILE: which of ViT-B/16's two training attention classes (image 197 tokens,
+# causal text 77) FILE's speed table gives the Triton kernel: none, mixed or all
+triton_choice() {
+  $py - "$1" <<'PY' 2>/dev/null || echo none
 import sys
 from mmpretrain.kernels import speeds
 table = speeds.load_speed_table(sys.argv[1])
-picks = {bool(c and c.train) for c in (table.get((197, 197, 64, False, "bfloat16")),
-                                       table.get((77, 77, 64, True, "bfloat16")))}
-print(int(len(picks) > 1))
+picks = [bool(c and c.train) for c in (table.get((197, 197, 64, False, "bfloat16")),
+                                       table.get((77, 77, 64, True, "bfloat16")))]
+print("all" if all(picks) else "mixed" if any(picks) else "none")
 PY
 }
 
@@ -157,10 +160,15 @@ quick() {
   step 140 "bench train vit_b16 compiled vs compiled OpenCLIP, profiled" $py -m mmpretrain.cli \
     "${common[@]}" --model vit_b16 --batch 256 --compare open_clip --profile "$OUT/prof" \
     engine.compile=true
-  # the Triton kernel in training: everywhere, or (model.attention_speeds, the table just
-  # measured) only for the shape classes where it beat SDPA, when that is a mix of ViT-B/16's two
-  local attn=(model.attention=triton)
-  [ "$(mixed_choice "$OUT/attention.json")" = 1 ] && attn=("model.attention_speeds=$OUT/attention.json")
+  # the Triton kernel in training where the table just measured has it beat SDPA (everywhere,
+  # or per shape class with model.attention_speeds); where it lost both of ViT-B/16's classes,
+  # the run is predictably slower, so this slot times the float8 linear layers instead
+  local attn=()
+  case "$(triton_choice "$OUT/attention.json")" in
+    all) attn=(model.attention=triton) ;;
+    mixed) attn=("model.attention_speeds=$OUT/attention.json") ;;
+    *) attn=(engine.float8=tensorwise) ;;
+  esac
   step 80 "bench train vit_b16 compiled + ${attn[*]}" $py -m mmpretrain.cli \
     "${common[@]}" --model vit_b16 --batch 256 engine.compile=true "${attn[@]}"
   step 110 "bench train vit_l14 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
@@ -214,6 +222,23 @@ compare() {
   grep -E "^==|samples/s|ratio" "$log"
 }
 
+# The blocks' linear layers in float8 (engine.float8, torchao), compiled: ViT-B/16 with each
+# recipe, ViT-B/32 and ViT-L/14 with the fastest; compare with quick's and compare's bf16 lines.
+float8() {
+  log="$OUT/float8.txt"
+  : > "$log"
+  local common=(--zero 1 --steps 15 --warmup 6 engine.compile=true)
+  for recipe in tensorwise rowwise; do
+    step 80 "vit_b16 compiled, float8 $recipe" $py -m mmpretrain.cli bench train \
+      --model vit_b16 --batch 256 "${common[@]}" engine.float8=$recipe
+  done
+  step 70 "vit_b32 compiled, float8 tensorwise" $py -m mmpretrain.cli bench train \
+    --model vit_b32 --batch 512 "${common[@]}" engine.float8=tensorwise
+  step 90 "vit_l14 compiled, float8 tensorwise" $py -m mmpretrain.cli bench train \
+    --model vit_l14 --batch 128 "${common[@]}" engine.float8=tensorwise
+  grep -E "^==|samples/s|float8" "$log"
+}
+
 # The GPU tests `quick` leaves out (training with the kernel on and off, the fast path against
 # the reference path, CoCa in bf16, the fused loss, the memory prediction), for a warm machine
 # with what is left of the budget: REST_LIMIT seconds in all (default 240).
@@ -254,6 +279,7 @@ case "$stage" in
   profile) profile ;;
   compare) compare ;;
   autotune) autotune ;;
+  float8) float8 ;;
   all) check; attention; train ;;
-  *) echo "unknown stage $stage (check|attention|tiles|train|levers|memory|quick|rest|profile|compare|autotune|shards|all)"; exit 2 ;;
+  *) echo "unknown stage $stage (check|attention|tiles|train|levers|memory|quick|rest|profile|compare|autotune|float8|shards|all)"; exit 2 ;;
 esac

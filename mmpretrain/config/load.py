@@ -213,6 +213,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         (not cfg.engine.compile or cfg.engine.zero_stage <= 2,
          "engine.compile needs engine.zero_stage <= 2 (ZeRO-3 gathers and frees each weight in "
          "hooks around every module call, which torch.compile does not trace)"),
+        (cfg.engine.float8 == "off" or cfg.engine.precision != "fp16",
+         "engine.float8 needs engine.precision bf16 or fp32 (torchao's float8 recipes do not "
+         "take fp16 weights)"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -274,6 +274,12 @@ class EngineConfig:
     backward as CUDA graphs (static shapes; fewer kernel launches from the host),
     `max-autotune[-no-cudagraphs]` also times Triton matmul templates against cuBLAS (much
     longer compiles)."""
+    float8: Literal["off", "tensorwise", "rowwise", "rowwise_with_gw_hp"] = "off"
+    """Run the Transformer blocks' linear layers on float8 tensor cores (torchao's recipes:
+    `tensorwise` the fastest, `rowwise` per-row scales, `rowwise_with_gw_hp` the weight
+    gradient in high precision; `engine/float8.py`). Needs an Ada/Hopper or newer GPU (CPU
+    runs are allowed, for tests), bf16 or fp32 precision, `pip install 'mmpretrain[fp8]'`, and
+    `engine.compile=true` to be fast. Weights, optimizer state and checkpoints are unchanged."""
 
 
 @dataclass

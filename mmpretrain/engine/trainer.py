@@ -134,6 +134,10 @@ class Trainer:
                 set_init_context(None)
         else:
             model = build_model(cfg.model, cfg.loss.kind)
+        if cfg.engine.float8 != "off":
+            from mmpretrain.engine.float8 import convert_float8
+
+            convert_float8(model, cfg.engine.float8, self.device, cfg.data.batch_size)
         if cfg.engine.compile:
             from mmpretrain.engine.compile import compile_blocks
 
