@@ -87,7 +87,7 @@ def test_blocks_with_odd_widths_stay_and_are_named(caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.INFO, logger="mmpretrain.engine"):
         names = convert_float8(model, "rowwise", CPU, micro_batch=16)
     assert names and all(n.startswith("visual.") for n in names)
-    assert "not multiples of 16, e.g. text." in caplog.text
+    assert "not multiples of 16 (e.g. text." in caplog.text
     cfg = _cfg("model.text.width=40", "model.vision.width=40")
     with pytest.raises(ValueError, match="nothing would run in float8"):
         convert_float8(build_model(cfg.model, cfg.loss.kind), "tensorwise", CPU, micro_batch=16)

@@ -102,9 +102,9 @@ def convert_float8(model: nn.Module, recipe: str, device: torch.device,
                  "gradients' float8 matmuls pad their token dimension (a copy of each operand); "
                  "a multiple of 16 avoids it", micro_batch)
     convert(model, module_filter_fn=lambda layer, _fqn: id(layer) in chosen, config=config)
-    others = sum(isinstance(m, nn.Linear) for m in model.modules()) - len(chosen)
-    log.info("engine.float8 (%s): %d linear layers in float8; %d stay in the run's precision "
-             "(outside the blocks%s)", recipe, len(chosen), others,
-             f"; {len(odd)} in blocks with dimensions not multiples of 16, e.g. {odd[0]}"
+    outside = sum(isinstance(m, nn.Linear) for m in model.modules()) - len(chosen) - len(odd)
+    log.info("engine.float8 (%s): %d linear layers in float8; in the run's precision: %d "
+             "outside the blocks%s", recipe, len(chosen), outside,
+             f", {len(odd)} in blocks with dimensions not multiples of 16 (e.g. {odd[0]})"
              if odd else "")
     return sorted(chosen.values())
