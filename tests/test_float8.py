@@ -121,6 +121,18 @@ def test_bad_requests_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not any(isinstance(m, Float8Linear) for m in model.modules())  # nothing half-done
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_eager_float8_on_a_gpu_is_warned_about(compiled: bool, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cfg = _cfg()
+    model = build_model(cfg.model, cfg.loss.kind)  # on CPU: only the device check sees "cuda"
+    with caplog.at_level(logging.INFO, logger="mmpretrain.engine"):
+        convert_float8(model, "tensorwise", torch.device("cuda"), 16, compiled=compiled)
+    assert ("without engine.compile" in caplog.text) is not compiled
+    assert "16 linear layers in float8" in caplog.text
+
+
 def _train(tmp: Path, name: str, *extra: str) -> dict[int, float]:
     run_train([f"output_dir={tmp}", f"name={name}", *MICRO, "data.batch_size=8",
                "engine.zero_stage=1", "logging.log_every=1", "logging.wandb_mode=disabled",

@@ -78,14 +78,15 @@ def convertible(layer: nn.Linear) -> bool:
 
 
 def convert_float8(model: nn.Module, recipe: str, device: torch.device,
-                   micro_batch: int) -> list[str]:
+                   micro_batch: int, compiled: bool = True) -> list[str]:
     """Swap the block linears of `model` for torchao's `Float8Linear` in place (same
     parameters, so names, checkpoints and exports are unchanged); returns their names.
 
     The weight gradient's float8 matmul contracts over the tokens of a micro-batch (B x S),
     which CUDA's scaled matmul needs in multiples of 16. A batch that is a multiple of 16
     guarantees it for every sequence length; other batches make each such matmul pad its
-    operands (a copy of each), as torchao's `pad_inner_dim` does, with a note in the log."""
+    operands (a copy of each), as torchao's `pad_inner_dim` does, with a note in the log.
+    `compiled`: whether the blocks will be compiled (on CUDA a warning says when not)."""
     if recipe not in RECIPES:
         raise ValueError(f"engine.float8: unknown recipe {recipe!r} (known: {', '.join(RECIPES)})")
     check_device(device)
@@ -107,4 +108,7 @@ def convert_float8(model: nn.Module, recipe: str, device: torch.device,
              "outside the blocks%s", recipe, len(chosen), outside,
              f", {len(odd)} in blocks with dimensions not multiples of 16 (e.g. {odd[0]})"
              if odd else "")
+    if device.type == "cuda" and not compiled:
+        log.warning("engine.float8 without engine.compile: each float8 cast is a pass of its "
+                    "own over the activations, so the run is likely slower than in bf16")
     return sorted(chosen.values())

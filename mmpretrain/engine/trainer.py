@@ -137,7 +137,8 @@ class Trainer:
         if cfg.engine.float8 != "off":
             from mmpretrain.engine.float8 import convert_float8
 
-            convert_float8(model, cfg.engine.float8, self.device, cfg.data.batch_size)
+            convert_float8(model, cfg.engine.float8, self.device, cfg.data.batch_size,
+                           compiled=cfg.engine.compile)
         if cfg.engine.compile:
             from mmpretrain.engine.compile import compile_blocks
 
