@@ -33,10 +33,10 @@ def compile_blocks(model: nn.Module, mode: str = "default") -> int:
     up, the norm and a cast down, each a pass over (B, S, W) in memory, and more passes in the
     backward (the H200 trace's eager LayerNorm backward took 0.4 ms a call at ViT-B/16, batch
     256); compiled, one fused kernel each way."""
-    from mmpretrain.model.fusion import DecoderBlock
-    from mmpretrain.model.layers import Block, LayerNorm
+    from mmpretrain.model import transformer_blocks
+    from mmpretrain.model.layers import LayerNorm
 
-    blocks = [m for m in model.modules() if isinstance(m, (Block, DecoderBlock))]
+    blocks = [block for _, block in transformer_blocks(model)]
     inside = {id(m) for block in blocks for m in block.modules()}
     norms = [m for m in model.modules() if isinstance(m, LayerNorm) and id(m) not in inside]
     for block in blocks:

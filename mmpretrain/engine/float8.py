@@ -62,14 +62,12 @@ def check_device(device: torch.device) -> None:
 
 def block_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
     """(name, layer) of every `nn.Linear` inside a Transformer block of `model`."""
-    from mmpretrain.model.fusion import DecoderBlock
-    from mmpretrain.model.layers import Block
+    from mmpretrain.model import transformer_blocks
 
-    for name, block in model.named_modules():
-        if isinstance(block, (Block, DecoderBlock)):
-            for sub, layer in block.named_modules():
-                if isinstance(layer, nn.Linear):
-                    yield f"{name}.{sub}", layer
+    for name, block in transformer_blocks(model):
+        for sub, layer in block.named_modules():
+            if isinstance(layer, nn.Linear):
+                yield f"{name}.{sub}", layer
 
 
 def convertible(layer: nn.Linear) -> bool:
@@ -91,8 +89,9 @@ def convert_float8(model: nn.Module, recipe: str, device: torch.device,
         raise ValueError(f"engine.float8: unknown recipe {recipe!r} (known: {', '.join(RECIPES)})")
     check_device(device)
     config_cls, convert = _torchao_float8()
-    chosen = {id(layer): name for name, layer in block_linears(model) if convertible(layer)}
-    odd = [name for name, layer in block_linears(model) if not convertible(layer)]
+    linears = list(block_linears(model))
+    chosen = {id(layer): name for name, layer in linears if convertible(layer)}
+    odd = [name for name, layer in linears if not convertible(layer)]
     if not chosen:
         raise ValueError("engine.float8: no linear layer inside a Transformer block has both "
                          "dimensions a multiple of 16; nothing would run in float8")

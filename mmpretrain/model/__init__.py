@@ -12,11 +12,13 @@ from mmpretrain.kernels import set_default_impl
 from mmpretrain.kernels.speeds import load_speed_table
 from mmpretrain.model.clip import CLIP
 from mmpretrain.model.coca import CoCa
+from mmpretrain.model.fusion import DecoderBlock
+from mmpretrain.model.layers import Block
 from mmpretrain.model.text import TextTransformer
 from mmpretrain.model.vision import VisionTransformer
 
 __all__ = ["CLIP", "CoCa", "TextTransformer", "VisionTransformer", "build_model",
-           "count_parameters", "local_model_config"]
+           "count_parameters", "local_model_config", "transformer_blocks"]
 
 logger = logging.getLogger("mmpretrain.model")
 _warned: set[tuple[str, str]] = set()
@@ -64,3 +66,9 @@ def local_model_config(cfg: ModelConfig, origin: str = "the saved config") -> Mo
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements (each shared parameter counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, block) of every Transformer block of `model`: both towers' `Block`s and the
+    decoder's `DecoderBlock`s (what `engine.compile` compiles and `engine.float8` converts)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (Block, DecoderBlock))]
