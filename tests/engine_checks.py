@@ -7,6 +7,7 @@
     python tests/engine_checks.py align OUT_DIR       # bf16 flat buffers keep weights aligned
     python tests/engine_checks.py clip OUT_DIR        # foreach grad norm == DeepSpeed's
     python tests/engine_checks.py old_order OUT_DIR STAGE  # a checkpoint in the old group order
+    python tests/engine_checks.py syncs OUT_DIR       # device synchronizations per step
 
 Each prints one JSON line with its measurements.
 """
@@ -280,6 +281,74 @@ def check_repoint(out: str) -> dict:
     return result
 
 
+class _NoStream:
+    """What a CUDA stream offers DeepSpeed's overlap path, as no-ops (`check_syncs`)."""
+
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _NoStream)
+
+
+@contextlib.contextmanager
+def _streams_like_cuda(acc: Any) -> Iterator[None]:
+    """DeepSpeed's CPU accelerator says it resolves data dependencies itself, so DeepSpeed skips
+    its stream bookkeeping and the synchronizes that guard it. Inside the block it answers as
+    CUDA does (streams that do nothing, `record_stream` a no-op), so ZeRO-1/2 take the code
+    path they take on a GPU."""
+    cls = type(acc)
+    with _swapped(cls, "is_synchronized_device", lambda self: False), \
+            _swapped(cls, "Stream", property(lambda self: _NoStream)), \
+            _swapped(cls, "current_stream", lambda self, device_index=None: _NoStream()), \
+            _swapped(torch.Tensor, "record_stream", lambda self, stream: None):
+        yield
+
+
+def check_syncs(out: str) -> dict:
+    """Device-wide synchronizes per training step of the real engine on 1 rank in bf16, with
+    our DeepSpeed config and with the one we had before 2026-12-01 (DeepSpeed's throughput
+    timer at its default, `overlap_comm` on as it was on every GPU). ZeRO 0-2 run with
+    CUDA-like streams (`_streams_like_cuda`); ZeRO-3 needs real streams, so it runs with the
+    CPU's own, where only the timer's synchronizes show."""
+    import mmpretrain.engine.trainer as trainer_mod
+    from deepspeed.accelerator import get_accelerator
+
+    acc, count = get_accelerator(), [0]
+    sync, build_ours = type(acc).synchronize, trainer_mod.build_ds_config
+
+    def counting(self, device_index=None):
+        count[0] += 1
+        return sync(self, device_index)
+
+    def before(*args, **kwargs) -> dict:
+        ds = build_ours(*args, **kwargs)
+        ds.pop("timers")
+        if ds["zero_optimization"]["stage"] > 0:
+            ds["zero_optimization"]["overlap_comm"] = True
+        return ds
+
+    result: dict = {}
+    for stage in (0, 1, 2, 3):
+        for who, build in (("ours", build_ours), ("before", before)):
+            streams = _streams_like_cuda(acc) if stage < 3 else contextlib.nullcontext()
+            with streams, _swapped(type(acc), "synchronize", counting), \
+                    _swapped(trainer_mod, "build_ds_config", build):
+                t = _trainer(out, f"syncs_{stage}_{who}", f"engine.zero_stage={stage}",
+                             "engine.precision=bf16", "data.batch_size=8")
+                t.run_steps(3)  # DeepSpeed's timer starts timing at its third step
+                count[0] = 0
+                t.run_steps(3)
+                result[f"{stage}_{who}"] = count[0] / 3
+    return result
+
+
 def check_old_order(out: str, stage: str) -> dict:
     """Train 4 steps and checkpoint with the parameter order of before 2026-11-30 (the logit
     scale first in its group) as run 'run' under OUT_DIR, for `universal` to resume."""
@@ -335,6 +404,6 @@ if __name__ == "__main__":
     result = {"accum": check_accum, "zero3_init": check_zero3_init,
               "nonfinite": check_nonfinite, "universal": check_universal,
               "align": check_align, "clip": check_clip, "repoint": check_repoint,
-              "old_order": check_old_order}[what](out_dir, *rest)
+              "old_order": check_old_order, "syncs": check_syncs}[what](out_dir, *rest)
     if os.environ.get("RANK", "0") == "0":
         print("RESULT " + json.dumps(result), flush=True)

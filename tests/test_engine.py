@@ -103,6 +103,18 @@ def test_repoint_check_skips_only_what_changes_nothing(tmp_path: Path) -> None:
         assert s["moved_calls"] == 1 and s["moved_back_inside"], s
 
 
+def test_no_device_sync_inside_a_step(tmp_path: Path) -> None:
+    """One rank, bf16, ZeRO 0-3: our DeepSpeed config makes no device-wide synchronize in a
+    step (so the host can queue the next step while the GPU works). The config we had before
+    made two per step from DeepSpeed's throughput timer and a third, with ZeRO-1/2, from the
+    end of backward on `overlap_comm`'s path."""
+    r = _check("syncs", tmp_path)
+    for stage in range(4):
+        assert r[f"{stage}_ours"] == 0, r
+    assert r["0_before"] == r["3_before"] == 2, r
+    assert r["1_before"] == r["2_before"] == 3, r
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 3])
 def test_resume_with_the_old_parameter_order(tmp_path: Path, stage: int) -> None:

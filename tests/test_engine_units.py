@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmpretrain.config.load import load_config
+from mmpretrain.config.load import ConfigError, load_config
 from mmpretrain.config.schema import OptimConfig
 from mmpretrain.engine.ds_config import build_ds_config, precision_dtype, resolve_precision
 from mmpretrain.engine.optim import (AdamWSkipNonFinite, build_optimizer, build_scheduler,
@@ -268,7 +268,7 @@ def test_ds_config_zero_stages(stage: int, device: torch.device) -> None:
     if stage == 0:
         assert zero == {"stage": 0}
     else:
-        assert zero["overlap_comm"] is (device.type == "cuda")
+        assert zero["overlap_comm"] is False  # one rank, nothing offloaded: nothing to hide
         assert zero["contiguous_gradients"] is True
         assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 50_000_000
     has_stage3 = any(k.startswith("stage3_") for k in zero)
@@ -277,6 +277,36 @@ def test_ds_config_zero_stages(stage: int, device: torch.device) -> None:
         assert zero["stage3_gather_16bit_weights_on_model_save"] is False
     assert ds["zero_allow_untested_optimizer"] is True
     json.dumps(ds)  # plain data only
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_ds_config_overlap_comm_only_where_a_transfer_hides(stage: int) -> None:
+    def overlap(world: int, device: torch.device, *overrides: str) -> bool:
+        cfg = _cfg(f"engine.zero_stage={stage}", *overrides)
+        return build_ds_config(cfg, world, "bf16", device)["zero_optimization"]["overlap_comm"]
+
+    assert overlap(1, CUDA) is False
+    assert overlap(2, CUDA) is True
+    assert overlap(1, CUDA, "engine.offload_optimizer=true") is True
+    assert overlap(8, CPU) is False and overlap(1, CPU, "engine.offload_optimizer=true") is False
+    assert overlap(1, CUDA, "engine.overlap_comm=true") is True
+    assert overlap(1, CPU, "engine.overlap_comm=true") is True
+    assert overlap(8, CUDA, "engine.overlap_comm=false") is False
+
+
+def test_ds_config_throughput_timer_off() -> None:
+    """DeepSpeed's throughput timer synchronizes the device twice a step when on (its default);
+    tests/engine_checks.py `syncs` counts them through the real engine."""
+    for device in (CPU, CUDA):
+        ds = build_ds_config(_cfg(), 1, "bf16", device)
+        assert ds["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
+
+
+def test_overlap_comm_config_values() -> None:
+    assert _cfg().engine.overlap_comm == "auto"
+    assert _cfg("engine.overlap_comm=true").engine.overlap_comm is True
+    with pytest.raises(ConfigError, match="engine.overlap_comm"):
+        _cfg("engine.overlap_comm=sometimes")
 
 
 @pytest.mark.parametrize("precision, bf16, fp16", [("fp32", False, False), ("bf16", True, False),

@@ -262,6 +262,12 @@ class EngineConfig:
     """Let CUDA run fp32 matrix multiplications on TF32 tensor cores (10-bit mantissa inputs,
     fp32 accumulation; `torch.backends.cuda.matmul.allow_tf32`). In bf16 runs that is the
     contrastive loss's fp32 logits, the only fp32 matmuls; in fp32 runs every matmul."""
+    overlap_comm: Literal["auto"] | bool = "auto"
+    """Overlap ZeRO's gradient reduction (and offload copies) with the backward pass
+    (DeepSpeed's `overlap_comm`). Its overlap path synchronizes the device at the end of every
+    backward, so the host's optimizer work is no longer hidden behind queued GPU work. `auto`:
+    on CUDA only when there is a transfer to hide (more than one rank, or
+    `offload_optimizer`); off for one GPU and on CPU."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: `auto` is nccl on CUDA and gloo on CPU."""
     compile: bool = False

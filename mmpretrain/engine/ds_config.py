@@ -22,13 +22,24 @@ def precision_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def overlap_comm(cfg: ExperimentConfig, world_size: int, device: torch.device) -> bool:
+    """Resolve `engine.overlap_comm`. DeepSpeed's overlap path (ZeRO-1/2) ends every backward
+    with a device-wide synchronize, which stalls the host until the GPU drains and leaves the
+    GPU idle while the host then runs the optimizer step; worth it only where a reduction or
+    an offload copy is long enough to hide behind the backward."""
+    choice = cfg.engine.overlap_comm
+    if choice != "auto":
+        return bool(choice)
+    return device.type == "cuda" and (world_size > 1 or cfg.engine.offload_optimizer)
+
+
 def build_ds_config(cfg: ExperimentConfig, world_size: int, precision: str,
                     device: torch.device) -> dict[str, Any]:
     """Return the DeepSpeed config dict for this run (a pure function of its inputs)."""
     eng = cfg.engine
     zero: dict[str, Any] = {"stage": eng.zero_stage}
     if eng.zero_stage >= 1:
-        zero.update(overlap_comm=device.type == "cuda", contiguous_gradients=True,
+        zero.update(overlap_comm=overlap_comm(cfg, world_size, device), contiguous_gradients=True,
                     reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7))
     if eng.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False,
@@ -54,6 +65,9 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int, precision: str,
         # there but JIT-compiles a C++ op (~40 s) on first use.
         **({"zero_force_ds_cpu_optimizer": False} if offload else {}),
         "steps_per_print": 1 << 30,
+        # DeepSpeed's throughput timer (on by default) synchronizes the device at the start of
+        # every forward and the end of every step; we time steps ourselves (logging/metrics.py).
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
