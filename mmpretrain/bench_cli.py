@@ -171,11 +171,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
     """Time training steps of the real Trainer (samples/s, TFLOP/s, MFU), optionally vs OpenCLIP."""
-    from mmpretrain.engine.bench import BenchOptions, bench_report, format_report, print_notes
+    from mmpretrain.engine.bench import BenchOptions, bench_report
+    from mmpretrain.engine.bench_format import format_report, print_notes
 
     opts = BenchOptions(args.model, args.batch, args.data, args.zero, args.steps, args.warmup,
                         args.workers, args.precision, args.overrides, args.sync_each_step,
-                        args.gpu_memory, args.profile)
+                        args.gpu_memory, args.profile, args.host_twin)
     try:
         report = bench_report(opts, args.compare or "", progress=lambda ours: print(
             f"mmpretrain: {ours['samples_per_s']:.1f} samples/s, mfu {ours['mfu']}, peak "
@@ -213,6 +214,10 @@ def _add_bench_train_parser(bsub: argparse._SubParsersAction) -> None:
     b.add_argument("--profile", default="", metavar="DIR",
                    help="profile 3 more steps (each side): print where the time goes and "
                    "write Chrome traces to DIR")
+    b.add_argument("--host-twin", action="store_true",
+                   help="the model with every width 32 and every parameter tensor kept: the "
+                   "step time is the host's work per step, measurable on a CPU "
+                   "(engine/host_twin.py)")
     b.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="more config overrides, e.g. model.activation_checkpointing=true")
     b.set_defaults(func=cmd_bench_train)

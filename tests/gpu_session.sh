@@ -9,7 +9,8 @@
 #   bash tests/gpu_session.sh tiles       # bench attention --sweep: tile sizes and backward plans
 #   bash tests/gpu_session.sh train       # bench train ViT-B/32, B/16, L/14 vs compiled OpenCLIP
 #   bash tests/gpu_session.sh levers      # ViT-B/16: per-step sync, compile, triton, CUDA graphs,
-#                                         # foreach AdamW, fused loss, float8; bench loss (fp32, TF32)
+#                                         # foreach AdamW, fused loss, overlap_comm, float8;
+#                                         # bench loss (fp32, TF32)
 #   bash tests/gpu_session.sh memory      # ViT-g/14 .. ViT-e/14, ZeRO-3 (+ offload), capped at 80 GB
 #   bash tests/gpu_session.sh shards      # ViT-B/16 from real JPEG shards (8 workers) vs synthetic
 #   bash tests/gpu_session.sh quick       # what matters most, in one call of <= 9 minutes
@@ -78,6 +79,7 @@ levers() {
                  "engine.compile=true engine.compile_mode=reduce-overhead" \
                  "engine.compile=true engine.compile_mode=reduce-overhead model.attention=triton" \
                  "optim.impl=foreach" "loss.fused=true" \
+                 "engine.compile=true engine.overlap_comm=true" \
                  "engine.compile=true engine.float8=tensorwise"; do
     timeout -k 10 100 $py -m mmpretrain.cli bench train --model vit_b16 --batch 256 --zero 1 \
       --steps 20 --warmup 8 --json $variant > "$OUT/lever.out" 2>> "$OUT/levers.log"
@@ -205,7 +207,12 @@ profile() {
     engine.compile=true
   step 60 "vit_b16 compiled, no gradient clipping" $py -m mmpretrain.cli "${b16[@]}" --zero 1 \
     engine.compile=true optim.grad_clip=0
-  grep -E "^==|samples/s|ratio" "$log"
+  # the host's work per step with real CUDA launches: ViT-B/16's host twin (widths 32, every
+  # parameter tensor kept; engine/host_twin.py), ours and OpenCLIP's, on the GPU
+  step 120 "vit_b16 host twin, compiled, vs OpenCLIP's twin" $py -m mmpretrain.cli bench \
+    train --model vit_b16 --batch 2 --steps 50 --warmup 5 --host-twin --compare open_clip \
+    engine.compile=true
+  grep -E "^==|samples/s|ratio|step time" "$log"
 }
 
 # Ours against compiled OpenCLIP in one short call: ViT-B/16 compiled (SDPA, then Triton), ViT-B/32.

@@ -14,8 +14,9 @@ import torch
 import mmpretrain.engine.bench as engine_bench
 from helpers import REPO, clean_env
 from mmpretrain.config.load import load_config
-from mmpretrain.engine.bench import (PROFILE_STEPS, SKIP_MESSAGE, format_report, open_clip_name,
+from mmpretrain.engine.bench import (PROFILE_STEPS, SKIP_MESSAGE, open_clip_name,
                                      open_clip_problem)
+from mmpretrain.engine.bench_format import format_report
 from mmpretrain.engine.profile import family
 from mmpretrain.logging.flops import PEAK_TFLOPS_ENV, train_flops_per_sample
 
@@ -176,3 +177,70 @@ def test_table_with_both_and_a_known_peak() -> None:
                           "notes": []})
     assert "40.0%" in text and "26.7%" in text and "1.50x" in text
     assert "open_clip 3.3.0" in text and "torch.compile" in text
+
+
+# ---- the host twin (engine/host_twin.py) ------------------------------------------------------
+@pytest.mark.parametrize("size", ["vit_b16", "vit_l14", "coca_vit_b32"])
+def test_host_twin_keeps_every_parameter_tensor(size: str) -> None:
+    """The twin has the full model's parameter tensors (names, count), only narrower: the
+    same hooks, optimizer groups and per-tensor host work per step."""
+    from mmpretrain.engine.host_twin import twin_overrides
+    from mmpretrain.model import build_model
+
+    def params(*overrides: str) -> dict[str, int]:
+        cfg = load_config(None, [f"model.size={size}", *overrides])
+        with torch.device("meta"):
+            model = build_model(cfg.model, cfg.loss.kind)
+        return {n: p.numel() for n, p in model.named_parameters()}
+
+    full, twin = params(), params(*twin_overrides(size))
+    assert list(twin) == list(full) and len(full) > 300
+    assert sum(twin.values()) < sum(full.values()) / 100  # arithmetic negligible
+    with pytest.raises(ValueError, match="named model size"):
+        twin_overrides("my_size")
+
+
+def test_open_clip_twin_config_and_registration() -> None:
+    """OpenCLIP's config cut the same way (layers kept), added through its public
+    `add_model_config` as a JSON file it reads at once."""
+    from mmpretrain.engine.host_twin import open_clip_twin_config, register_open_clip_twin
+
+    arch = {"embed_dim": 512,
+            "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8,
+                         "layers": 12}}
+    twin = open_clip_twin_config(arch)
+    assert twin == {"embed_dim": 32,
+                    "vision_cfg": {"image_size": 32, "layers": 12, "width": 32,  # 2 x 2 patches
+                                   "patch_size": 16, "head_width": 32},
+                    "text_cfg": {"context_length": 8, "vocab_size": 512, "width": 32,
+                                 "heads": 1, "layers": 12}}
+    assert arch["vision_cfg"]["width"] == 768  # the original is left alone
+
+    class FakeOpenClip:
+        added: dict = {}
+
+        def get_model_config(self, name: str) -> dict:
+            return arch
+
+        def add_model_config(self, path: Path) -> None:
+            self.added[Path(path).stem] = json.loads(Path(path).read_text())
+
+    fake = FakeOpenClip()
+    assert register_open_clip_twin(fake, "ViT-B-16") == "ViT-B-16-host-twin"
+    assert fake.added == {"ViT-B-16-host-twin": twin}
+
+
+def test_host_twin_run_times_the_host(tmp_path: Path) -> None:
+    """--host-twin on CPU: the narrow model through the real Trainer, timed in chunks (median),
+    the table says so; the parameter count is the twin's."""
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "bench", "train", "--model",
+                           "vit_b16", "--batch", "2", "--steps", "5", "--warmup", "1",
+                           "--host-twin", "--json"], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours = report["mmpretrain"]
+    assert report["options"]["host_twin"] is True
+    assert 100_000 < ours["params"] < 1_000_000 and ours["step_time_s"] > 0
+    assert "HOST TWIN" in format_report(report)

@@ -11,7 +11,8 @@ the real data stream feeds the steps and its wait shows in `data_wait_frac`.
 OpenCLIP (`--compare open_clip`): `open_clip.create_model(name)` trained like its
 `--torchcompile --precision amp_bf16` run: `torch.compile(model)`, bf16 autocast, AdamW
 (fused on CUDA) with OpenCLIP's no-decay groups, `ClipLoss`, the logit-scale clamp after each
-step, on random images and tokens kept on the device. On CPU it runs eager in fp32.
+step, on random images and tokens kept on the device. On CPU it runs eager in fp32, except
+for the host twin (`--host-twin`, `engine/host_twin.py`), which both sides run as on a GPU.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import itertools
 import math
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -33,6 +35,7 @@ import torch.distributed as dist
 
 from mmpretrain.config.load import load_config
 from mmpretrain.engine.dist import detect_env
+from mmpretrain.engine.host_twin import register_open_clip_twin, twin_overrides
 from mmpretrain.engine.timeline import phase
 from mmpretrain.logging.flops import (device_name, flops_metrics, peak_tflops,
                                       train_flops_per_sample)
@@ -44,6 +47,7 @@ SKIP_MESSAGE = ("open-clip-torch is not installed; pip install 'mmpretrain[bench
                 "open-clip-torch==3.3.0) to compare with OpenCLIP; skipping the comparison")
 POOL_BATCHES = 4
 PROFILE_STEPS = 3
+TWIN_CHUNKS = 5
 
 
 @dataclass
@@ -68,6 +72,9 @@ class BenchOptions:
     profile: str = ""
     """Profile PROFILE_STEPS more steps after the timed ones and write the traces to this
     directory (`engine/profile.py`); empty: no profiling."""
+    host_twin: bool = False
+    """Run the model's host twin instead (`engine/host_twin.py`): every width 32, every
+    parameter tensor kept, one torch thread; the step time is then the host's work per step."""
 
 
 def bench_overrides(opts: BenchOptions, output_dir: str) -> list[str]:
@@ -87,7 +94,7 @@ def bench_overrides(opts: BenchOptions, output_dir: str) -> list[str]:
             "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=none",
             "eval.at_end=false", "eval.every=0", "logging.wandb_mode=disabled",
             "logging.progress=false", f'output_dir="{_yaml_str(output_dir)}"', "name=bench",
-            *opts.overrides]
+            *(twin_overrides(opts.model) if opts.host_twin else []), *opts.overrides]
 
 
 def _yaml_str(text: str) -> str:
@@ -109,6 +116,21 @@ def _timed(device: torch.device, fn: Callable[[], Any]) -> tuple[float, Any]:
     out = fn()
     _sync(device)
     return time.perf_counter() - t0, out
+
+
+def _timed_steps(opts: BenchOptions, device: torch.device, run: Callable[[int], Any]
+                 ) -> tuple[float, int, float, Any]:
+    """Time `opts.steps` steps of `run(n)`: (seconds for `opts.steps` steps, steps in the last
+    call, that call's seconds, its output). One call in general; the host twin makes
+    TWIN_CHUNKS calls and scales the median one, since a shared machine disturbs host work in
+    bursts that a median ignores."""
+    chunks = TWIN_CHUNKS if opts.host_twin and opts.steps >= TWIN_CHUNKS else 1
+    n = opts.steps // chunks
+    rates, out, last = [], None, 0.0
+    for _ in range(chunks):
+        last, out = _timed(device, lambda: run(n))
+        rates.append(last / n)
+    return statistics.median(rates) * opts.steps, n, last, out
 
 
 def _device_pool(trainer: Any) -> Any:
@@ -152,8 +174,8 @@ def _measure(trainer: Any, opts: BenchOptions) -> dict[str, Any]:
     if opts.sync_each_step:
         batches = _syncing(batches, trainer.device)
     trainer.run_steps(opts.warmup, batches)
-    elapsed, (meter, losses) = _timed(trainer.device, lambda: trainer.run_steps(opts.steps,
-                                                                                batches))
+    elapsed, n, last, (meter, losses) = _timed_steps(
+        opts, trainer.device, lambda n: trainer.run_steps(n, batches))
     params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.task.model.parameters())
     profiled = _profile(opts, "mmpretrain", lambda n: trainer.run_steps(n, batches),
                         trainer.device)
@@ -166,8 +188,8 @@ def _measure(trainer: Any, opts: BenchOptions) -> dict[str, Any]:
         **_speed(opts, elapsed, trainer.global_batch, trainer.train_flops, trainer.world,
                  trainer.device),
         **_memory(trainer.device), **_plan(trainer),
-        "data_wait_frac": meter.data_time / elapsed, "params": params,
-        "loss": float(losses["loss"]) / opts.steps,
+        "data_wait_frac": meter.data_time / last, "params": params,
+        "loss": float(losses["loss"]) / n,
         "device": device_name(trainer.device), "device_type": trainer.device.type,
         "versions": versions()}
 
@@ -301,7 +323,7 @@ def open_clip_problem() -> str | None:
     return None
 
 
-def _open_clip_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def _open_clip_optimizer(model: torch.nn.Module, fused: bool) -> torch.optim.Optimizer:
     """AdamW with OpenCLIP's defaults for ViTs and its no-weight-decay parameter groups."""
     def exclude(n: str, p: torch.Tensor) -> bool:
         return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
@@ -309,8 +331,7 @@ def _open_clip_optimizer(model: torch.nn.Module, device: torch.device) -> torch.
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
               {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.2}]
-    return torch.optim.AdamW(groups, lr=5e-4, betas=(0.9, 0.98), eps=1e-6,
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=5e-4, betas=(0.9, 0.98), eps=1e-6, fused=fused)
 
 
 def bench_open_clip(opts: BenchOptions, device: torch.device) -> dict[str, Any]:
@@ -318,6 +339,8 @@ def bench_open_clip(opts: BenchOptions, device: torch.device) -> dict[str, Any]:
     import open_clip
 
     name = open_clip_name(opts.model)
+    if opts.host_twin:
+        name = register_open_clip_twin(open_clip, name)
     arch = open_clip.get_model_config(name)
     size, ctx = arch["vision_cfg"]["image_size"], arch["text_cfg"]["context_length"]
     vocab = arch["text_cfg"]["vocab_size"]
@@ -330,10 +353,11 @@ def bench_open_clip(opts: BenchOptions, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(0)
     model = open_clip.create_model(name, device=device, output_dict=True)  # fp32 weights
     model.train()
-    optimizer, loss_fn = _open_clip_optimizer(model, device), open_clip.ClipLoss()
     cuda = device.type == "cuda"
-    step_model = torch.compile(model) if cuda else model
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (
+    as_on_gpu = cuda or opts.host_twin  # its fastest settings; eager fp32 on a CPU otherwise
+    optimizer, loss_fn = _open_clip_optimizer(model, fused=as_on_gpu), open_clip.ClipLoss()
+    step_model = torch.compile(model) if as_on_gpu else model
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if as_on_gpu else (
         contextlib.nullcontext)
     images = torch.randn(opts.batch, 3, size, size, device=device)  # (B, 3, S, S)
     tokens = torch.randint(0, vocab, (opts.batch, ctx), device=device)  # (B, L)
@@ -350,14 +374,15 @@ def bench_open_clip(opts: BenchOptions, device: torch.device) -> dict[str, Any]:
                 model.logit_scale.clamp_(0, math.log(100))
 
     run(opts.warmup)
-    elapsed, _ = _timed(device, lambda: run(opts.steps))
+    elapsed = _timed_steps(opts, device, run)[0]
     profiled = _profile(opts, "open_clip", run, device)
-    ours = load_config(None, [f"model.size={opts.model}"]).model  # same architecture
+    ours = load_config(None, [f"model.size={opts.model}",  # the same architecture
+                              *(twin_overrides(opts.model) if opts.host_twin else [])]).model
     peak_mem = ((torch.cuda.max_memory_allocated(device) - base_mem) / 2**30 if cuda
                 else peak_memory_gb(device))
     return {"impl": "open_clip", "model": name, "batch_per_rank": opts.batch, "world_size": 1,
-            "global_batch": opts.batch, "precision": "amp_bf16" if cuda else "fp32",
-            "compiled": cuda, "steps": opts.steps, "warmup": opts.warmup,
+            "global_batch": opts.batch, "precision": "amp_bf16" if as_on_gpu else "fp32",
+            "compiled": as_on_gpu, "steps": opts.steps, "warmup": opts.warmup,
             **_speed(opts, elapsed, opts.batch, train_flops_per_sample(ours), 1, device),
             "peak_mem_gb": peak_mem, "data_wait_frac": 0.0,
             "params": sum(p.numel() for p in model.parameters()),
@@ -381,6 +406,8 @@ def bench_report(opts: BenchOptions, compare: str = "",
         with_open_clip = False
     if with_open_clip:
         open_clip_name(opts.model)  # fail before the long run
+    if opts.host_twin:  # intra-op threads are not host work a GPU run would have
+        torch.set_num_threads(1)
     ours = bench_mmpretrain(opts)
     if ours is None:
         return None
@@ -403,71 +430,3 @@ def _device_of(result: dict[str, Any]) -> torch.device:
     if result["device_type"] == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _cell(key: str, result: dict[str, Any] | None) -> str:
-    if result is None:
-        return "-"
-    value = result.get(key)
-    if key == "mfu":
-        return "n/a (unknown peak)" if value is None else f"{100 * value:.1f}%"
-    if value is None:
-        return "-"
-    formats = {"samples_per_s": "{:,.1f}" if value >= 10 else "{:.3g}",
-               "step_time_s": "{:.1f}", "tflops_per_s": "{:.3g}", "data_wait_frac": "{:.3f}",
-               "params": "{:.2f}"}
-    scale = {"step_time_s": 1e3, "params": 1e-6}.get(key, 1)
-    return formats.get(key, "{:.2f}").format(value * scale)
-
-
-ROWS = (("samples/s", "samples_per_s"), ("step time (ms)", "step_time_s"),
-        ("model TFLOP/s per rank", "tflops_per_s"), ("MFU", "mfu"),
-        ("peak memory (GiB)", "peak_mem_gb"), ("  predicted (bench memory)", "predicted_peak_gb"),
-        ("  reserved by the allocator", "peak_reserved_gb"),
-        ("host peak RSS (GiB)", "host_peak_gb"), ("data-wait fraction", "data_wait_frac"),
-        ("parameters (M)", "params"))
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The human-readable table of a `bench_report`."""
-    ours, theirs = report["mmpretrain"], report["open_clip"]
-    if ours.get("oom"):
-        limit = ours.get("gpu_memory_limit_gb")
-        return (f"mmpretrain bench train: {ours['model']}, batch {ours['batch_per_rank']}, ZeRO "
-                f"{ours['zero_stage']}" + "".join(f", {o}" for o in ours["overrides"])
-                + f": out of device memory on {ours['device']}"
-                + (f" limited to {limit:g} GiB" if limit else "")
-                + (f" (peak reserved {ours['peak_reserved_gb']:.2f} GiB)"
-                   if ours["peak_reserved_gb"] is not None else "") + f": {ours['error']}")
-    peak = ours["peak_tflops"]
-    lines = [
-        f"mmpretrain bench train: {ours['model']}, batch {ours['batch_per_rank']} per rank x "
-        f"{ours['world_size']} rank(s), data {ours['data']}, ZeRO {ours['zero_stage']}, "
-        f"{ours['precision']}; {ours['steps']} timed steps after {ours['warmup']} warm-up"
-        + "".join(f", {o}" for o in ours.get("overrides", []))
-        + (", device synced before each step" if ours.get("sync_each_step") else ""),
-        f"device: {ours['device']} (peak "
-        + (f"{peak:g} TFLOP/s dense bf16)" if peak else "unknown: set MMPRETRAIN_PEAK_TFLOPS)"),
-        "versions: " + ", ".join(f"{k} {v}" for k, v in
-                                 {**ours["versions"], **(theirs or {}).get("versions", {})}
-                                 .items()),
-    ]
-    if theirs:
-        lines.append(f"open_clip: {theirs['model']}, {theirs['precision']}"
-                     f"{', torch.compile' if theirs['compiled'] else ', eager'}")
-    header = ["", "mmpretrain"] + (["open_clip"] if theirs else [])
-    rows = [[label, _cell(key, ours)] + ([_cell(key, theirs)] if theirs else [])
-            for label, key in ROWS]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(row, widths))).rstrip())
-    if report["ratio_samples_per_s"] is not None:
-        lines.append(f"samples/s ours / open_clip: {report['ratio_samples_per_s']:.2f}x")
-    return "\n".join(lines)
-
-
-def print_notes(report: dict[str, Any]) -> None:
-    """Print the report's notes (skipped parts) to standard error."""
-    for note in report["notes"]:
-        print(f"mmpretrain bench train: {note}", file=sys.stderr)
