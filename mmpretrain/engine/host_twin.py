@@ -6,8 +6,8 @@ synchronizes the device inside a step, that host work runs ahead of the GPU and 
 it; where it exceeds the GPU's time it becomes the step time.
 
 The twin measures it without a GPU. It is the named model with every width cut to 32 (one
-head of 32, images of 2 x 2 patches, 8-token text, a 512-token vocabulary), keeping each tower's depth and
-therefore every parameter tensor, block, hook and graph the full model has
+head of 32, images of 2 x 2 patches, 8-token text, a 512-token vocabulary), keeping each
+tower's depth and therefore every parameter tensor, block, hook and graph the full model has
 (`tests/test_bench_train.py` checks the names). Its arithmetic is then negligible, so on a CPU
 the step time is close to the host's work per step: the same Python and dispatcher calls as on
 a GPU, without the CUDA launch cost (a few microseconds per kernel). OpenCLIP's side builds the
