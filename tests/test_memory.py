@@ -11,7 +11,7 @@ import torch
 from helpers import REPO, clean_env
 from mmpretrain.config.load import load_config
 from mmpretrain.config.schema import LossConfig
-from mmpretrain.engine.memory import (GIB, _depths, _saved_bytes, cap_device_memory,
+from mmpretrain.engine.memory import (BUCKET_ELEMENTS, GIB, _depths, _saved_bytes, cap_device_memory,
                                       contrastive_loss_bytes, loss_memory_warning,
                                       measure_activations, model_state_bytes, plan_memory,
                                       saved_storages)
@@ -256,3 +256,16 @@ def test_train_out_of_memory_says_what_would_fit(monkeypatch: pytest.MonkeyPatch
     assert "loss.fused=true" not in err  # the logits of a small batch are too small to matter
     rc = main(["train", "-c", "experiments/tiny_synthetic.yaml", "data.batch_size=16384"])
     assert rc == 3 and "  loss.fused=true: " in capsys.readouterr().err
+
+
+def test_buckets_double_only_with_overlap_comm() -> None:
+    """ZeRO-1/2 allocate a second gradient bucket (ping-pong) only on `overlap_comm`'s path;
+    the plan resolves `engine.overlap_comm=auto` as for a GPU (one rank: off)."""
+    for stage in (1, 2):
+        on, _ = model_state_bytes(P, LARGEST, stage, 1, "bf16", overlap_comm=True)
+        off, _ = model_state_bytes(P, LARGEST, stage, 1, "bf16", overlap_comm=False)
+        assert on["buckets"] == 2 * off["buckets"] == 2 * BUCKET_ELEMENTS * 2
+    cfg = load_config(None, ["model.size=tiny", "engine.zero_stage=1"])
+    acts = measure_activations(cfg, torch.bfloat16)
+    one, two = (plan_memory(cfg, world, "bf16", measured=acts) for world in (1, 2))
+    assert one.device["buckets"] == BUCKET_ELEMENTS * 2 == two.device["buckets"] // 2

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-from mmpretrain.engine.ds_config import precision_dtype
+from mmpretrain.engine.ds_config import overlap_comm, precision_dtype
 
 GIB = 2**30
 H100_80GB_GIB = 79.1
@@ -89,9 +89,10 @@ class MemoryPlan:
 
 
 def model_state_bytes(params: int, largest_layer: int, stage: int, world: int, precision: str,
-                      offload_optimizer: bool = False, offload_params: bool = False
-                      ) -> tuple[dict[str, int], dict[str, int]]:
-    """(device, host) bytes of weights, gradients and AdamW state for one rank.
+                      offload_optimizer: bool = False, offload_params: bool = False,
+                      overlap_comm: bool = True) -> tuple[dict[str, int], dict[str, int]]:
+    """(device, host) bytes of weights, gradients and AdamW state for one rank (and ZeRO's
+    gradient buckets: ZeRO-1/2 double theirs with `overlap_comm`).
 
     Mixed precision (bf16/fp16) keeps 16-bit weights and gradients for the model and fp32
     gradients, master weights and moments for the optimizer. fp32 runs keep fp32 weights and
@@ -113,7 +114,7 @@ def model_state_bytes(params: int, largest_layer: int, stage: int, world: int, p
         device["weights"] = params * w
         device["gradients"] = params * g // (n if stage == 2 else 1)
     if stage >= 1:
-        device["buckets"] = 2 * BUCKET_ELEMENTS * w
+        device["buckets"] = (2 if overlap_comm or stage == 3 else 1) * BUCKET_ELEMENTS * w
     return device, host
 
 
@@ -227,7 +228,8 @@ def plan_memory(cfg: Any, world: int, precision: str, measured: dict[str, int] |
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     eng = cfg.engine
     device, host = model_state_bytes(params, largest, eng.zero_stage, world, precision,
-                                     eng.offload_optimizer, eng.offload_params)
+                                     eng.offload_optimizer, eng.offload_params,
+                                     overlap_comm(cfg, world, torch.device("cuda")))
     dtype = precision_dtype(precision)
     acts = measured if measured is not None else measure_activations(cfg, dtype)
     depths = _depths(cfg.model)
