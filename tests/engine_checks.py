@@ -8,6 +8,7 @@
     python tests/engine_checks.py clip OUT_DIR        # foreach grad norm == DeepSpeed's
     python tests/engine_checks.py old_order OUT_DIR STAGE  # a checkpoint in the old group order
     python tests/engine_checks.py syncs OUT_DIR       # device synchronizations per step
+    python tests/engine_checks.py contiguous OUT_DIR  # contiguous_gradients off == on
 
 Each prints one JSON line with its measurements.
 """
@@ -349,6 +350,34 @@ def check_syncs(out: str) -> dict:
     return result
 
 
+def check_contiguous(out: str) -> dict:
+    """One rank, ZeRO-1 and ZeRO-2 in fp32 and bf16, 2 micro-batches per step: 3 steps with
+    `engine.contiguous_gradients` off (the one-rank default) and on give the same weights."""
+    def weights(t) -> dict[str, torch.Tensor]:
+        return {n: p.detach().float().clone() for n, p in t.engine.module.named_parameters()}
+
+    result = {}
+    for stage in (1, 2):
+        for precision in ("fp32", "bf16"):
+            runs = {}
+            for contiguous in ("false", "true"):
+                t = _trainer(out, f"contiguous_{stage}_{precision}_{contiguous}",
+                             f"engine.zero_stage={stage}", f"engine.precision={precision}",
+                             f"engine.contiguous_gradients={contiguous}", "data.batch_size=8",
+                             "engine.grad_accum=2")
+                start = weights(t)
+                t.run_steps(3)
+                runs[contiguous] = {"seen": t.engine.zero_contiguous_gradients(),
+                                    "start": start, "end": weights(t)}
+            off, on = runs["false"], runs["true"]
+            result[f"{stage}_{precision}"] = {
+                "seen": [off["seen"], on["seen"]], "n": len(on["end"]),
+                "max_abs_diff": max(float((off["end"][n] - w).abs().max())
+                                    for n, w in on["end"].items()),
+                "max_moved": max(float((on["end"][n] - w).abs().max())
+                                 for n, w in on["start"].items())}
+    return result
+
 def check_old_order(out: str, stage: str) -> dict:
     """Train 4 steps and checkpoint with the parameter order of before 2026-11-30 (the logit
     scale first in its group) as run 'run' under OUT_DIR, for `universal` to resume."""
@@ -404,6 +433,7 @@ if __name__ == "__main__":
     result = {"accum": check_accum, "zero3_init": check_zero3_init,
               "nonfinite": check_nonfinite, "universal": check_universal,
               "align": check_align, "clip": check_clip, "repoint": check_repoint,
-              "old_order": check_old_order, "syncs": check_syncs}[what](out_dir, *rest)
+              "old_order": check_old_order, "syncs": check_syncs,
+              "contiguous": check_contiguous}[what](out_dir, *rest)
     if os.environ.get("RANK", "0") == "0":
         print("RESULT " + json.dumps(result), flush=True)

@@ -115,6 +115,17 @@ def test_no_device_sync_inside_a_step(tmp_path: Path) -> None:
     assert r["1_before"] == r["2_before"] == 3, r
 
 
+def test_contiguous_gradients_off_trains_the_same(tmp_path: Path) -> None:
+    """One rank, ZeRO-1/2, fp32 and bf16, accumulation over 2 micro-batches: the plain
+    gradient path (the one-rank default) ends 3 steps with bitwise the weights of DeepSpeed's
+    contiguous path, and the weights did move."""
+    r = _check("contiguous", tmp_path)
+    for key in ("1_fp32", "1_bf16", "2_fp32", "2_bf16"):
+        s = r[key]
+        assert s["seen"] == [False, True] and s["n"] > 100, s
+        assert s["max_abs_diff"] == 0.0 and s["max_moved"] > 1e-3, s
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 3])
 def test_resume_with_the_old_parameter_order(tmp_path: Path, stage: int) -> None:

@@ -269,7 +269,7 @@ def test_ds_config_zero_stages(stage: int, device: torch.device) -> None:
         assert zero == {"stage": 0}
     else:
         assert zero["overlap_comm"] is False  # one rank, nothing offloaded: nothing to hide
-        assert zero["contiguous_gradients"] is True
+        assert zero["contiguous_gradients"] is (stage == 3)  # one rank: nothing to scatter
         assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 50_000_000
     has_stage3 = any(k.startswith("stage3_") for k in zero)
     assert has_stage3 is (stage == 3)
@@ -292,6 +292,20 @@ def test_ds_config_overlap_comm_only_where_a_transfer_hides(stage: int) -> None:
     assert overlap(1, CUDA, "engine.overlap_comm=true") is True
     assert overlap(1, CPU, "engine.overlap_comm=true") is True
     assert overlap(8, CUDA, "engine.overlap_comm=false") is False
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_ds_config_contiguous_gradients_where_a_reduction_needs_them(stage: int) -> None:
+    def contiguous(world: int, *overrides: str) -> bool:
+        cfg = _cfg(f"engine.zero_stage={stage}", *overrides)
+        return build_ds_config(cfg, world, "bf16", CUDA)["zero_optimization"][
+            "contiguous_gradients"]
+
+    assert contiguous(1) is (stage == 3)
+    assert contiguous(2) is True
+    assert contiguous(1, "engine.offload_optimizer=true") is True
+    assert contiguous(1, "engine.contiguous_gradients=true") is True
+    assert contiguous(4, "engine.contiguous_gradients=false") is False
 
 
 def test_ds_config_throughput_timer_off() -> None:

@@ -268,6 +268,12 @@ class EngineConfig:
     backward, so the host's optimizer work is no longer hidden behind queued GPU work. `auto`:
     on CUDA only when there is a transfer to hide (more than one rank, or
     `offload_optimizer`); off for one GPU and on CPU."""
+    contiguous_gradients: Literal["auto"] | bool = "auto"
+    """ZeRO copies each gradient into a reduce bucket as it is produced, reduces the bucket and
+    copies its share into one contiguous partition (DeepSpeed's `contiguous_gradients`): what
+    feeds a reduce-scatter and offload copies, at three copies and a few dozen Python lines per
+    parameter. `auto`: on with more than one rank, `offload_optimizer` or ZeRO-3; off for one
+    rank of ZeRO-1/2, whose gradients are then flattened once for the optimizer."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: `auto` is nccl on CUDA and gloo on CPU."""
     compile: bool = False
