@@ -9,7 +9,8 @@
 #   bash tests/gpu_session.sh tiles       # bench attention --sweep: tile sizes and backward plans
 #   bash tests/gpu_session.sh train       # bench train ViT-B/32, B/16, L/14 vs compiled OpenCLIP
 #   bash tests/gpu_session.sh levers      # ViT-B/16: per-step sync, compile, triton, CUDA graphs,
-#                                         # foreach AdamW, fused loss, overlap_comm, float8;
+#                                         # foreach AdamW, fused loss, overlap_comm,
+#                                         # contiguous_gradients, float8;
 #                                         # bench loss (fp32, TF32)
 #   bash tests/gpu_session.sh memory      # ViT-g/14 .. ViT-e/14, ZeRO-3 (+ offload), capped at 80 GB
 #   bash tests/gpu_session.sh shards      # ViT-B/16 from real JPEG shards (8 workers) vs synthetic
@@ -80,6 +81,7 @@ levers() {
                  "engine.compile=true engine.compile_mode=reduce-overhead model.attention=triton" \
                  "optim.impl=foreach" "loss.fused=true" \
                  "engine.compile=true engine.overlap_comm=true" \
+                 "engine.compile=true engine.contiguous_gradients=true" \
                  "engine.compile=true engine.float8=tensorwise"; do
     timeout -k 10 100 $py -m mmpretrain.cli bench train --model vit_b16 --batch 256 --zero 1 \
       --steps 20 --warmup 8 --json $variant > "$OUT/lever.out" 2>> "$OUT/levers.log"

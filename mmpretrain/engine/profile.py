@@ -54,14 +54,17 @@ def _device_times(prof: Any) -> list[tuple[str, float]]:
 
 
 def summarize(prof: Any, steps: int, wall_s: float) -> dict[str, Any]:
-    """Per-step wall and device-busy milliseconds and the busy time by kernel family."""
+    """Per-step wall and device-busy milliseconds, the busy time by kernel family, and the
+    host's aten operator calls per step (a count the machine's speed does not change)."""
     kernels = _device_times(prof)
     busy_ms = sum(t for _, t in kernels) / 1e3 / steps
     fams: dict[str, float] = {}
     for name, t in kernels:
         fams[family(name)] = fams.get(family(name), 0.0) + t / 1e3 / steps
     wall_ms = wall_s * 1e3 / steps
+    aten = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
     return {"steps": steps, "wall_ms_per_step": wall_ms, "device_busy_ms_per_step": busy_ms,
+            "aten_ops_per_step": aten / steps,  # host dispatches, nested ones included
             "device_busy_frac": busy_ms / wall_ms if wall_ms else None,
             "families_ms_per_step": dict(sorted(fams.items(), key=lambda kv: -kv[1]))}
 
