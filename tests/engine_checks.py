@@ -332,7 +332,7 @@ def check_syncs(out: str) -> dict:
         ds = build_ours(*args, **kwargs)
         ds.pop("timers")
         if ds["zero_optimization"]["stage"] > 0:
-            ds["zero_optimization"]["overlap_comm"] = True
+            ds["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)
         return ds
 
     result: dict = {}
@@ -377,6 +377,7 @@ def check_contiguous(out: str) -> dict:
                 "max_moved": max(float((on["end"][n] - w).abs().max())
                                  for n, w in on["start"].items())}
     return result
+
 
 def check_old_order(out: str, stage: str) -> dict:
     """Train 4 steps and checkpoint with the parameter order of before 2026-11-30 (the logit
