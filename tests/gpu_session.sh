@@ -10,7 +10,7 @@
 #   bash tests/gpu_session.sh train       # bench train ViT-B/32, B/16, L/14 vs compiled OpenCLIP
 #   bash tests/gpu_session.sh levers      # ViT-B/16: per-step sync, compile, triton, CUDA graphs,
 #                                         # foreach AdamW, fused loss, overlap_comm,
-#                                         # contiguous_gradients, float8;
+#                                         # contiguous_gradients, compile_scope, float8;
 #                                         # bench loss (fp32, TF32)
 #   bash tests/gpu_session.sh memory      # ViT-g/14 .. ViT-e/14, ZeRO-3 (+ offload), capped at 80 GB
 #   bash tests/gpu_session.sh shards      # ViT-B/16 from real JPEG shards (8 workers) vs synthetic
@@ -18,7 +18,7 @@
 #                                         # (a 15-minute device budget): see quick() below
 #   bash tests/gpu_session.sh rest        # the GPU tests quick leaves out, on a warm machine
 #   bash tests/gpu_session.sh profile     # where ViT-B/16's step time goes, ours vs OpenCLIP
-#   bash tests/gpu_session.sh compare     # ViT-B/16 and B/32 vs compiled OpenCLIP, <= 4 minutes
+#   bash tests/gpu_session.sh compare     # ViT-B/16 and B/32 vs compiled OpenCLIP, <= 5 minutes
 #   bash tests/gpu_session.sh autotune    # ViT-B/16 with compile_mode=max-autotune (AUTOTUNE_LIMIT s)
 #   bash tests/gpu_session.sh float8      # engine.float8 (torchao): B/16 two recipes, B/32, L/14
 #   bash tests/gpu_session.sh all         # check, attention, train (may not fit one call)
@@ -82,6 +82,7 @@ levers() {
                  "optim.impl=foreach" "loss.fused=true" \
                  "engine.compile=true engine.overlap_comm=true" \
                  "engine.compile=true engine.contiguous_gradients=true" \
+                 "engine.compile=true engine.compile_scope=blocks" \
                  "engine.compile=true engine.float8=tensorwise"; do
     timeout -k 10 100 $py -m mmpretrain.cli bench train --model vit_b16 --batch 256 --zero 1 \
       --steps 20 --warmup 8 --json $variant > "$OUT/lever.out" 2>> "$OUT/levers.log"
@@ -161,7 +162,8 @@ quick() {
   local common=(bench train --zero 1 --steps 15 --warmup 6)
   # timed steps first, then 3 profiled ones of each: the phase timeline (device busy/idle per
   # forward, backward and optimizer step, and the host ops the device waited on) side by side
-  step 140 "bench train vit_b16 compiled vs compiled OpenCLIP, profiled" $py -m mmpretrain.cli \
+  # (both sides compile the whole model as one graph: engine.compile_scope=auto on one GPU)
+  step 160 "bench train vit_b16 compiled vs compiled OpenCLIP, profiled" $py -m mmpretrain.cli \
     "${common[@]}" --model vit_b16 --batch 256 --compare open_clip --profile "$OUT/prof" \
     engine.compile=true
   # the Triton kernel in training where the table just measured has it beat SDPA (everywhere,
@@ -175,7 +177,7 @@ quick() {
   esac
   step $limit "bench train vit_b16 compiled + ${attn[*]}" $py -m mmpretrain.cli \
     "${common[@]}" --model vit_b16 --batch 256 engine.compile=true "${attn[@]}"
-  step 110 "bench train vit_l14 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
+  step 130 "bench train vit_l14 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli \
     "${common[@]}" --model vit_l14 --batch 128 --compare open_clip engine.compile=true
   grep -E "^==|^precompile|compiled while|samples/s|ratio|ms |^(vit|text)|profile mm|^ +(phase|forward|backward|optimizer|other) |^device idle|^ +[0-9.]+ ms  " "$log" \
     | tail -120
@@ -201,7 +203,7 @@ profile() {
   log="$OUT/profile.txt"
   : > "$log"
   local b16=(bench train --model vit_b16 --batch 256 --steps 10 --warmup 5)
-  step 140 "vit_b16 compiled, profiled, vs compiled OpenCLIP" $py -m mmpretrain.cli \
+  step 160 "vit_b16 compiled, profiled, vs compiled OpenCLIP" $py -m mmpretrain.cli \
     "${b16[@]}" --zero 1 --compare open_clip --profile "$OUT/prof" engine.compile=true
   step 60 "vit_b16 eager, profiled" $py -m mmpretrain.cli "${b16[@]}" --zero 1 \
     --profile "$OUT/prof_eager"
@@ -214,19 +216,23 @@ profile() {
   step 120 "vit_b16 host twin, compiled, vs OpenCLIP's twin" $py -m mmpretrain.cli bench \
     train --model vit_b16 --batch 2 --steps 50 --warmup 5 --host-twin --compare open_clip \
     engine.compile=true
+  step 90 "vit_b16 host twin, compiled block by block" $py -m mmpretrain.cli bench train \
+    --model vit_b16 --batch 2 --steps 50 --warmup 5 --host-twin engine.compile=true \
+    engine.compile_scope=blocks
   grep -E "^==|samples/s|ratio|step time" "$log"
 }
 
-# Ours against compiled OpenCLIP in one short call: ViT-B/16 compiled (SDPA, then Triton), ViT-B/32.
+# Ours against compiled OpenCLIP in one short call (<= 5 minutes): ViT-B/16 compiled (SDPA,
+# then Triton), ViT-B/32.
 compare() {
   log="$OUT/compare.txt"
   : > "$log"
   local common=(--zero 1 --steps 15 --warmup 6)
-  step 100 "vit_b16 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli bench train \
+  step 130 "vit_b16 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli bench train \
     --model vit_b16 --batch 256 "${common[@]}" --compare open_clip engine.compile=true
   step 50 "vit_b16 compiled + triton attention" $py -m mmpretrain.cli bench train \
     --model vit_b16 --batch 256 "${common[@]}" engine.compile=true model.attention=triton
-  step 80 "vit_b32 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli bench train \
+  step 100 "vit_b32 compiled vs compiled OpenCLIP" $py -m mmpretrain.cli bench train \
     --model vit_b32 --batch 512 "${common[@]}" --compare open_clip engine.compile=true
   grep -E "^==|samples/s|ratio" "$log"
 }

@@ -1,4 +1,5 @@
-"""`engine.compile`: compiled Transformer blocks train like eager ones (CPU, inductor).
+"""`engine.compile`: the compiled model (one graph, or block by block) trains like the eager
+one (CPU, inductor).
 
 The CoCa digits model has all three block kinds (image, causal text with a padding mask,
 decoder with cross-attention); its evaluation runs compiled no-grad blocks and eager caption
@@ -15,26 +16,32 @@ from mmpretrain.config.load import ConfigError, load_config
 from mmpretrain.logging.metrics import read_jsonl
 
 
-def _run(tmp: Path, name: str, compiled: bool) -> Path:
-    run_train([f"output_dir={tmp}", f"name={name}", "optim.steps=3", "checkpoint.every=0",
+def _run(tmp: Path, name: str, *overrides: str) -> tuple[Path, str]:
+    proc = run_train([f"output_dir={tmp}", f"name={name}", "optim.steps=3", "checkpoint.every=0",
                "logging.log_every=1", "logging.wandb_mode=disabled",
                f"data.cache_dir={tmp / 'cache'}", "data.batch_size=16", "engine.zero_stage=1",
-               "eval.caption_samples=8", f"engine.compile={str(compiled).lower()}"],
+               "eval.caption_samples=8", *overrides],
               config="experiments/demo_coca_digits.yaml", timeout=900)
-    return tmp / name
+    return tmp / name, proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_and_evaluate_like_eager(tmp_path: Path) -> None:
-    eager, compiled = _run(tmp_path, "eager", False), _run(tmp_path, "compiled", True)
-    ref, got = losses(eager), losses(compiled)
-    assert sorted(got) == [1, 2, 3]
-    for step, loss in ref.items():  # fp32: only summation order differs
-        assert got[step] == pytest.approx(loss, rel=1e-4), step
-    evals = [read_jsonl(run / "metrics.jsonl")[-1] for run in (eager, compiled)]
-    assert evals[1]["caption_samples"] == 8
-    for key in ("zeroshot_top1", "caption_class_match", "retrieval_i2t_r5"):
-        assert evals[1][key] == pytest.approx(evals[0][key], abs=1 / 8), key
+def test_compiled_model_and_blocks_train_and_evaluate_like_eager(tmp_path: Path) -> None:
+    """One rank: `engine.compile_scope=auto` compiles the whole forward, `blocks` each block."""
+    eager, _ = _run(tmp_path, "eager")
+    ref = losses(eager)
+    for scope in ("auto", "blocks"):
+        compiled, log = _run(tmp_path, scope, "engine.compile=true",
+                             f"engine.compile_scope={scope}")
+        assert ("the training forward of CoCa as one graph" in log) == (scope == "auto"), log
+        got = losses(compiled)
+        assert sorted(got) == [1, 2, 3]
+        for step, loss in ref.items():  # fp32: only summation order differs
+            assert got[step] == pytest.approx(loss, rel=1e-4), (scope, step)
+        evals = [read_jsonl(run / "metrics.jsonl")[-1] for run in (eager, compiled)]
+        assert evals[1]["caption_samples"] == 8
+        for key in ("zeroshot_top1", "caption_class_match", "retrieval_i2t_r5"):
+            assert evals[1][key] == pytest.approx(evals[0][key], abs=1 / 8), (scope, key)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "reference"])
@@ -57,6 +64,75 @@ def test_blocks_compile_to_one_graph(impl: str) -> None:
         out = compiled(*args)
         torch.testing.assert_close(out, eager)
         out.sum().backward()
+
+
+def test_model_scope_traces_one_graph_through_compiled_blocks() -> None:
+    """`engine.compile_scope=model`: with every block already compiled (as `compile_model`
+    leaves them, for evaluation), the CoCa model's forward still traces with fullgraph=True
+    (a graph break raises): image and text towers with padded captions, the decoder, the
+    logit scale and bias; outputs and gradients as eager."""
+    from mmpretrain.engine.compile import compile_blocks
+    from mmpretrain.model import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.size=coca_tiny"])
+    model = build_model(cfg.model, "siglip")
+    size, context = cfg.model.vision.image_size, cfg.model.text.context_length
+    images = torch.randn(2, 3, size, size)
+    tokens = torch.randint(1, 50, (2, context))
+    tokens[1, 5:] = 0  # padding
+    eager = model(images, tokens)
+    compile_blocks(model)
+    whole = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    out = whole(images, tokens)
+    assert sorted(out) == sorted(eager) and out["logit_bias"] is not None
+    for key, value in eager.items():
+        torch.testing.assert_close(out[key], value)
+    grads = []
+    for result in (eager, out):
+        model.zero_grad()
+        total = sum(v.float().sum() for v in result.values() if v.requires_grad)
+        total.backward(retain_graph=result is eager)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for ref, got in zip(*grads):
+        torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize(("overrides", "world", "scope"), [
+    ([], 1, "model"),
+    ([], 2, "blocks"),  # gradients reach ZeRO's reduction as each block's backward ends
+    (["engine.zero_stage=1", "engine.offload_optimizer=true"], 1, "blocks"),
+    (["model.activation_checkpointing=true"], 1, "blocks"),
+    (["engine.compile_scope=model"], 2, "model"),
+    (["engine.compile_scope=blocks"], 1, "blocks"),
+])
+def test_compile_scope_auto_is_one_graph_only_where_nothing_overlaps_the_backward(
+        overrides: list[str], world: int, scope: str) -> None:
+    from mmpretrain.engine.compile import compile_scope
+
+    cfg = load_config(None, ["engine.compile=true", *overrides])
+    assert compile_scope(cfg, world) == scope
+
+
+def test_compile_model_compiles_the_forward_once_and_every_block(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch import nn
+
+    from mmpretrain.engine.compile import compile_model
+    from mmpretrain.model import build_model
+
+    calls: list[tuple[str, dict]] = []
+    monkeypatch.setattr(nn.Module, "compile",
+                        lambda self, **kw: calls.append((type(self).__name__, kw)))
+    model = build_model(load_config(None, ["model.size=coca_tiny"]).model)
+    n = compile_model(model, "max-autotune", "model")
+    assert calls[-1] == ("CoCa", {"dynamic": False, "mode": "max-autotune"})
+    assert n == len(calls) and sum(name == "CoCa" for name, _ in calls) == 1
+    calls.clear()
+    assert compile_model(model, "default", "blocks") == len(calls) == n - 1
+    assert all(name != "CoCa" for name, _ in calls)
+    with pytest.raises(ValueError, match="compile scope must be"):
+        compile_model(model, "default", "tower")
 
 
 def test_compile_with_zero3_is_a_config_error() -> None:
@@ -130,3 +206,7 @@ def test_compile_mode_needs_compile_and_a_known_mode() -> None:
         load_config(None, ["engine.compile_mode=max-autotune"])
     with pytest.raises(ConfigError, match="engine.compile_mode"):
         load_config(None, ["engine.compile=true", "engine.compile_mode=fast"])
+    with pytest.raises(ConfigError, match="engine.compile_scope needs engine.compile=true"):
+        load_config(None, ["engine.compile_scope=model"])
+    with pytest.raises(ConfigError, match="engine.compile_scope"):
+        load_config(None, ["engine.compile=true", "engine.compile_scope=towers"])

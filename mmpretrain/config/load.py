@@ -210,6 +210,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
          f"model.attention={cfg.model.attention} forces one implementation everywhere)"),
         (cfg.engine.compile or cfg.engine.compile_mode == "default",
          "engine.compile_mode needs engine.compile=true"),
+        (cfg.engine.compile or cfg.engine.compile_scope == "auto",
+         "engine.compile_scope needs engine.compile=true"),
         (not cfg.engine.compile or cfg.engine.zero_stage <= 2,
          "engine.compile needs engine.zero_stage <= 2 (ZeRO-3 gathers and frees each weight in "
          "hooks around every module call, which torch.compile does not trace)"),

@@ -277,12 +277,18 @@ class EngineConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: `auto` is nccl on CUDA and gloo on CPU."""
     compile: bool = False
-    """torch.compile each Transformer block (fuses LayerNorm, bias, GELU and residual adds
-    between the matrix multiplications; ZeRO stage 0-2). The first steps take longer while
-    the blocks compile."""
+    """torch.compile the model (fuses LayerNorm, bias, GELU and residual adds between the
+    matrix multiplications; ZeRO stage 0-2). The first steps take longer while it compiles."""
+    compile_scope: Literal["auto", "model", "blocks"] = "auto"
+    """What `engine.compile` compiles as one graph: `model`, the whole training forward (one
+    compiled call per step each way: the least host work per step); `blocks`, each Transformer
+    block on its own (faster compiles; each block's gradients reach ZeRO's reduction as its
+    backward ends, so communication and offload copies overlap the backward, and checkpointed
+    blocks keep only their inputs). `auto`: `model` on one rank without `offload_optimizer`
+    and without `model.activation_checkpointing`, else `blocks`."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",
                           "max-autotune-no-cudagraphs"] = "default"
-    """torch.compile's mode for the blocks: `reduce-overhead` replays each block's forward and
+    """torch.compile's mode: `reduce-overhead` replays each compiled graph's forward and
     backward as CUDA graphs (static shapes; fewer kernel launches from the host),
     `max-autotune[-no-cudagraphs]` also times Triton matmul templates against cuBLAS (much
     longer compiles)."""

@@ -140,9 +140,9 @@ class Trainer:
             convert_float8(model, cfg.engine.float8, self.device, cfg.data.batch_size,
                            compiled=cfg.engine.compile)
         if cfg.engine.compile:
-            from mmpretrain.engine.compile import compile_blocks
+            from mmpretrain.engine.compile import compile_model, compile_scope
 
-            compile_blocks(model, cfg.engine.compile_mode)
+            compile_model(model, cfg.engine.compile_mode, compile_scope(cfg, self.world))
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         log.info("model %s: %.2fM parameters, precision %s, ZeRO stage %d", cfg.model.size or
                  "custom", n_params / 1e6, self.precision, cfg.engine.zero_stage)
