@@ -165,6 +165,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=cmd_bench_data)
     _add_bench_attention_parser(bsub)
     _add_bench_train_parser(bsub)
+    _add_bench_host_ab_parser(bsub)
     _add_bench_memory_parser(bsub)
     _add_bench_loss_parser(bsub)
 
@@ -221,6 +222,40 @@ def _add_bench_train_parser(bsub: argparse._SubParsersAction) -> None:
     b.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="more config overrides, e.g. model.activation_checkpointing=true")
     b.set_defaults(func=cmd_bench_train)
+
+
+def cmd_bench_host_ab(args: argparse.Namespace) -> int:
+    """Host work per step of config variants (and OpenCLIP), interleaved round by round."""
+    from mmpretrain.engine.host_ab import HostAbOptions, format_host_ab, host_ab
+
+    variants = [v.split() for v in args.variant] or [["engine.compile=true"]]
+    opts = HostAbOptions(args.model, variants, args.compare == "open_clip", args.zero,
+                         args.precision, args.rounds, args.steps, args.warmup)
+    try:
+        report = host_ab(opts)
+    except ValueError as e:
+        print(f"mmpretrain bench host-ab: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report) if args.json else format_host_ab(report))
+    return 0
+
+
+def _add_bench_host_ab_parser(bsub: argparse._SubParsersAction) -> None:
+    b = bsub.add_parser("host-ab", help="the host's work per step of config variants (and "
+                        "OpenCLIP) on the host twin, timed in interleaved rounds")
+    b.add_argument("--model", default="vit_b16", help="named model size (model.size)")
+    b.add_argument("--variant", action="append", default=[], metavar="'key=value ...'",
+                   help="config overrides of one variant (repeat; the first is the baseline; "
+                   "default: engine.compile=true)")
+    b.add_argument("--compare", default=None, choices=("open_clip",),
+                   help="also time OpenCLIP's twin (needs the [bench] extra)")
+    b.add_argument("--zero", type=int, default=1, choices=(0, 1, 2), help="ZeRO stage")
+    b.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
+    b.add_argument("--rounds", type=int, default=10, help="timed rounds")
+    b.add_argument("--steps", type=int, default=10, help="steps of each participant per round")
+    b.add_argument("--warmup", type=int, default=5, help="untimed steps of each first")
+    b.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    b.set_defaults(func=cmd_bench_host_ab)
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:

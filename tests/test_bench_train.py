@@ -245,3 +245,39 @@ def test_host_twin_run_times_the_host(tmp_path: Path) -> None:
     assert report["options"]["host_twin"] is True
     assert 100_000 < ours["params"] < 1_000_000 and ours["step_time_s"] > 0
     assert "HOST TWIN" in format_report(report)
+
+
+# ---- interleaved host A/B (engine/host_ab.py) -------------------------------------------------
+def test_host_ab_ratios_are_per_round() -> None:
+    """Each ratio is the median over rounds of the two times in the same round, so a round
+    where the machine ran at half speed leaves the ratios alone."""
+    from mmpretrain.engine.host_ab import HostAbOptions, _report, format_host_ab
+
+    times = {"a": [10.0, 20.0, 40.0], "b": [15.0, 20.0, 60.0], "open_clip": [5.0, 10.0, 20.0]}
+    report = _report(HostAbOptions(rounds=3), times, torch.device("cpu"))
+    rows = {r["name"]: r for r in report["participants"]}
+    assert list(rows) == ["a", "b", "open_clip"]
+    assert rows["a"]["vs_first"] == 1.0 and rows["b"]["vs_first"] == 1.5
+    assert rows["a"]["vs_open_clip"] == 2.0 and rows["b"]["vs_open_clip"] == 3.0
+    assert rows["b"]["median_ms"] == 20.0 and rows["b"]["rounds_ms"] == [15.0, 20.0, 60.0]
+    table = format_host_ab(report)
+    assert "1.50x" in table and "3.00x" in table and table.count("\n") == 5
+
+
+def test_host_ab_runs_variants_in_rounds() -> None:
+    """Two variants of the ViT-B/16 host twin through the real Trainer in one process; without
+    OpenCLIP installed, `--compare open_clip` is an error (a comparison was asked for)."""
+    run = [sys.executable, "-c", BLOCKED_RUN, "bench", "host-ab", "--model", "vit_b16",
+           "--rounds", "2", "--steps", "1", "--warmup", "1", "--precision", "fp32"]
+    proc = subprocess.run([*run, "--variant", "optim.grad_clip=1.0", "--variant",
+                           "optim.grad_clip=0", "--json"], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = report["participants"]
+    assert [r["name"] for r in rows] == ["optim.grad_clip=1.0", "optim.grad_clip=0"]
+    assert rows[0]["vs_first"] == 1.0 and rows[1]["vs_open_clip"] is None
+    assert all(len(r["rounds_ms"]) == 2 and min(r["rounds_ms"]) > 0 for r in rows)
+    proc = subprocess.run([*run, "--compare", "open_clip"], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "open-clip-torch" in proc.stderr, proc.stderr[-2000:]

@@ -334,8 +334,20 @@ def _open_clip_optimizer(model: torch.nn.Module, fused: bool) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=5e-4, betas=(0.9, 0.98), eps=1e-6, fused=fused)
 
 
-def bench_open_clip(opts: BenchOptions, device: torch.device) -> dict[str, Any]:
-    """Time OpenCLIP's training step for our size `opts.model` (see the module docstring)."""
+@dataclass
+class OpenClipStep:
+    """OpenCLIP's model for our size and its training step as `run(n)` (n steps)."""
+
+    name: str
+    model: torch.nn.Module
+    run: Callable[[int], None]
+    compiled: bool
+
+
+def open_clip_step(opts: BenchOptions, device: torch.device) -> OpenClipStep:
+    """OpenCLIP's model for `opts.model` (its host twin with `opts.host_twin`) and its training
+    step as its `--torchcompile --precision amp_bf16` run takes it (see the module docstring),
+    on random images and tokens kept on `device`."""
     import open_clip
 
     name = open_clip_name(opts.model)
@@ -344,17 +356,10 @@ def bench_open_clip(opts: BenchOptions, device: torch.device) -> dict[str, Any]:
     arch = open_clip.get_model_config(name)
     size, ctx = arch["vision_cfg"]["image_size"], arch["text_cfg"]["context_length"]
     vocab = arch["text_cfg"]["vocab_size"]
-    gc.collect()
-    base_mem = 0
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        base_mem = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     model = open_clip.create_model(name, device=device, output_dict=True)  # fp32 weights
     model.train()
-    cuda = device.type == "cuda"
-    as_on_gpu = cuda or opts.host_twin  # its fastest settings; eager fp32 on a CPU otherwise
+    as_on_gpu = device.type == "cuda" or opts.host_twin  # eager fp32 on a CPU otherwise
     optimizer, loss_fn = _open_clip_optimizer(model, fused=as_on_gpu), open_clip.ClipLoss()
     step_model = torch.compile(model) if as_on_gpu else model
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if as_on_gpu else (
@@ -373,6 +378,22 @@ def bench_open_clip(opts: BenchOptions, device: torch.device) -> dict[str, Any]:
                 optimizer.step()
                 model.logit_scale.clamp_(0, math.log(100))
 
+    return OpenClipStep(name, model, run, as_on_gpu)
+
+
+def bench_open_clip(opts: BenchOptions, device: torch.device) -> dict[str, Any]:
+    """Time OpenCLIP's training step for our size `opts.model` (see the module docstring)."""
+    import open_clip
+
+    gc.collect()
+    base_mem = 0
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        base_mem = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    step = open_clip_step(opts, device)
+    name, model, run, as_on_gpu = step.name, step.model, step.run, step.compiled
     run(opts.warmup)
     elapsed = _timed_steps(opts, device, run)[0]
     profiled = _profile(opts, "open_clip", run, device)
