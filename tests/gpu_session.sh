@@ -207,19 +207,16 @@ profile() {
     "${b16[@]}" --zero 1 --compare open_clip --profile "$OUT/prof" engine.compile=true
   step 60 "vit_b16 eager, profiled" $py -m mmpretrain.cli "${b16[@]}" --zero 1 \
     --profile "$OUT/prof_eager"
-  step 60 "vit_b16 compiled, ZeRO 0" $py -m mmpretrain.cli "${b16[@]}" --zero 0 \
+  step 90 "vit_b16 compiled, ZeRO 0" $py -m mmpretrain.cli "${b16[@]}" --zero 0 \
     engine.compile=true
-  step 60 "vit_b16 compiled, no gradient clipping" $py -m mmpretrain.cli "${b16[@]}" --zero 1 \
+  step 90 "vit_b16 compiled, no gradient clipping" $py -m mmpretrain.cli "${b16[@]}" --zero 1 \
     engine.compile=true optim.grad_clip=0
   # the host's work per step with real CUDA launches: ViT-B/16's host twin (widths 32, every
   # parameter tensor kept; engine/host_twin.py), ours and OpenCLIP's, on the GPU
-  step 120 "vit_b16 host twin, compiled, vs OpenCLIP's twin" $py -m mmpretrain.cli bench \
-    train --model vit_b16 --batch 2 --steps 50 --warmup 5 --host-twin --compare open_clip \
-    engine.compile=true
-  step 90 "vit_b16 host twin, compiled block by block" $py -m mmpretrain.cli bench train \
-    --model vit_b16 --batch 2 --steps 50 --warmup 5 --host-twin engine.compile=true \
-    engine.compile_scope=blocks
-  grep -E "^==|samples/s|ratio|step time" "$log"
+  step 180 "vit_b16 host twins: one graph, block by block, OpenCLIP's (interleaved)" $py -m \
+    mmpretrain.cli bench host-ab --model vit_b16 --compare open_clip --variant \
+    "engine.compile=true" --variant "engine.compile=true engine.compile_scope=blocks"
+  grep -E "^==|samples/s|ratio|step time|x  " "$log"
 }
 
 # Ours against compiled OpenCLIP in one short call (<= 5 minutes): ViT-B/16 compiled (SDPA,
