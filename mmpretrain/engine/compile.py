@@ -29,7 +29,6 @@ decoding (captions) runs eagerly (`torch.compiler.set_stance("force_eager")` in
 from __future__ import annotations
 
 import logging
-
 from typing import Any
 
 from torch import nn

@@ -65,18 +65,16 @@ def host_ab(opts: HostAbOptions) -> dict[str, Any]:
         raise ValueError(problem)
     torch.set_num_threads(1)  # intra-op threads are not host work a GPU run would have
     runs: dict[str, Callable[[int], Any]] = {}
-    keep, tmps, device = [], [], torch.device("cpu")
+    tmps, device = [], torch.device("cpu")
     try:
-        for overrides in opts.variants:
+        for overrides in opts.variants:  # each run(n) keeps its trainer alive
             tmps.append(tempfile.mkdtemp(prefix="mmpretrain-host-ab-"))
             trainer, run = _ours(opts, overrides, tmps[-1])
-            keep.append(trainer)
             device = trainer.device
             runs[" ".join(overrides) or "(defaults)"] = run
         if opts.compare_open_clip:
-            theirs = open_clip_step(BenchOptions(opts.model, batch=2, host_twin=True), device)
-            keep.append(theirs)
-            runs["open_clip"] = theirs.run
+            runs["open_clip"] = open_clip_step(
+                BenchOptions(opts.model, batch=2, host_twin=True), device).run
         times = _rounds(opts, device, runs)
     finally:
         for tmp in tmps:
