@@ -131,6 +131,32 @@ def test_ragged_tails_launch_small_tiles() -> None:
     assert text["bwd_resident"]["TAIL_N"] == text["bwd_resident"]["BLOCK_N"]
 
 
+@pytest.mark.parametrize("shape, causal, dv_t, dk_t", [
+    ((512, 8, 77, 77, 64), True, True, True),  # text: 128-row tile, both products transposed
+    ((256, 12, 197, 197, 64), False, True, False),  # ViT-B/16: 256 rows, dV only (registers)
+    ((512, 16, 50, 50, 32), False, False, False),  # D = 32: M = 32 either way
+])
+def test_resident_backward_transposes_products_for_wgmma(shape: tuple, causal: bool,
+                                                         dv_t: bool, dk_t: bool) -> None:
+    """The resident backward computes dV (and for tiles of <= 128 rows dK) transposed, with the
+    head dim as the matmul's M, so that Hopper's wgmma (M >= 64) runs it instead of mma.sync;
+    with both transposed, text's kernel has no mma.sync left."""
+    launches = aot.capture_launches(*shape, causal=causal, masked=causal)
+    resident = [a for a in launches if a.name == "bwd_resident"]
+    assert len(resident) == 1
+    assert (resident[0].kwargs["DV_T"], resident[0].kwargs["DK_T"]) == (dv_t, dk_t)
+    if dv_t and dk_t:
+        build = aot.compile_launch(resident[0], 90)
+        assert build.wgmma and build.mma_sync == 0 and not build.spills, build
+    from mmpretrain.kernels.tiles import resident_transposed, resident_untransposed
+
+    with resident_untransposed():  # version 6's products, for A/B timing
+        launches = aot.capture_launches(*shape, causal=causal, masked=causal)
+    assert resident_transposed()
+    v6 = [a.kwargs for a in launches if a.name == "bwd_resident"][0]
+    assert (v6["DV_T"], v6["DK_T"]) == (False, False)
+
+
 def test_chunked_plan_launches_chunks_then_their_sum() -> None:
     """`bwd_chunked` (256-row chunks): ViT-L/14's 257 queries are one 256-row chunk and a
     16-row one, ViT-L/14@336's 577 two and a 128-row one, each chunk numbered (CHUNK0) and

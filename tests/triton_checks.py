@@ -16,6 +16,7 @@ import os
 import sys
 import time
 import zlib
+from contextlib import nullcontext
 
 import torch
 
@@ -23,6 +24,7 @@ from mmpretrain.kernels import attention, attention_packed
 from mmpretrain.kernels import attention_triton as at
 from mmpretrain.kernels.attention_triton import Blocks, tile_override
 from mmpretrain.kernels.reference import attention_reference
+from mmpretrain.kernels.tiles import resident_untransposed
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}  # relative to max |reference| per tensor
 
@@ -201,15 +203,17 @@ def main(argv: list[str]) -> int:
     runs = []
     resident = _count_launches("_attn_bwd_resident")
     sums = _count_launches("_attn_bwd_sum_chunks")
+    # @resident_v6: dK, dV as kernel version 6 computed them (not transposed; mma.sync)
     for label, tiles in (("", {}), ("@fused", FUSED), ("@resident", RESIDENT),
-                         ("@chunked", CHUNKED)):
+                         ("@resident_v6", RESIDENT), ("@chunked", CHUNKED)):
         runs += [((case[0] + label, *case[1:]), False, tiles) for case in CASES]
         runs += [((case[0] + label, *case[1:]), True, tiles) for case in PACKED_CASES]
     runs += [((f"{case[0]}@{tiles}", *case[1:]), False, TILE_SETS[tiles])
              for tiles in TILE_SETS for case in TILE_CASES]
     for case, packed, tiles in runs:
         start = time.perf_counter()
-        with tile_override(**tiles):
+        v6 = resident_untransposed() if case[0].endswith("@resident_v6") else nullcontext()
+        with v6, tile_override(**tiles):
             errs = check_case(case, dtype, packed)
         for key, err in errs.items():
             worst[key] = max(worst.get(key, 0.0), err)

@@ -68,6 +68,9 @@ class KernelBuild:
     shared_bytes: int
     wgmma: bool
     seconds: float
+    mma_sync: int = 0
+    """mma.sync instructions in the PTX: Ampere's synchronous MMA, which Hopper runs where a
+    matmul's shape rules out wgmma (M < 64 per warpgroup)"""
 
     @property
     def spills(self) -> bool:
@@ -226,7 +229,8 @@ def compile_launch(launch: Launch, arch: int = 90) -> KernelBuild:
     constants = {names[k]: v for k, v in constexprs.items() if names[k].isupper()}
     return KernelBuild(launch.name, arch, kernel.metadata.num_warps, kernel.metadata.num_stages,
                        constants, regs, stores, loads, kernel.metadata.shared,
-                       "wgmma" in kernel.asm["ptx"], seconds)
+                       "wgmma" in kernel.asm["ptx"], seconds,
+                       kernel.asm["ptx"].count("mma.sync"))
 
 
 def build_attention(batch: int, heads: int, sq: int, sk: int, dim: int, *, arch: int = 90,
@@ -242,14 +246,16 @@ def build_attention(batch: int, heads: int, sq: int, sk: int, dim: int, *, arch:
 
 
 def format_builds(rows: list[tuple[str, KernelBuild]]) -> str:
-    """A table of (label, build) rows: registers, spills, shared memory, wgmma, compile time."""
+    """A table of (label, build) rows: registers, spills, shared memory, wgmma, mma.sync
+    instructions, compile time."""
     lines = [f"{'config':<34} {'kernel':<15} {'arch':>4} {'warps':>5} {'stages':>6} "
-             f"{'regs':>4} {'spill st/ld B':>13} {'smem KB':>7} {'wgmma':>5} {'s':>5}"]
+             f"{'regs':>4} {'spill st/ld B':>13} {'smem KB':>7} {'wgmma':>5} {'mma.sync':>8} "
+             f"{'s':>5}"]
     for label, b in rows:
         lines.append(f"{label:<34} {b.name:<15} {b.arch:>4} {b.warps:>5} {b.stages:>6} "
                      f"{b.registers:>4} {f'{b.spill_stores}/{b.spill_loads}':>13} "
                      f"{b.shared_bytes / 1024:>7.1f} {'yes' if b.wgmma else 'no':>5} "
-                     f"{b.seconds:>5.1f}")
+                     f"{b.mma_sync:>8} {b.seconds:>5.1f}")
     return "\n".join(lines)
 
 

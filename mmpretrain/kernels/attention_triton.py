@@ -37,7 +37,8 @@ import torch
 from mmpretrain.kernels import tiles as _tiles
 from mmpretrain.kernels.tiles import (VALID_WARPS, Blocks, _Blocks, _override,  # noqa: F401
                                       _next_pow2, _query_launches, _tail, _validate_blocks,
-                                      set_tile_override, tail_block, tile_override)
+                                      resident_transposed, set_tile_override, tail_block,
+                                      tile_override)
 
 logger = logging.getLogger("mmpretrain.kernels")
 
@@ -139,13 +140,18 @@ FUSED_MAX_SEQ = 1024
 RESIDENT_MAX_M = 256
 """Largest query block the heuristic gives the resident backward (dQ in registers)."""
 
+RESIDENT_DK_T_MAX_M = 128
+"""Largest query block whose resident backward computes dK transposed as well as dV (DK_T,
+DV_T in `_resident_block`; D = 64): all five matmuls on wgmma. sm_90, Triton 3.6: both
+transposed, ViT-B/16's 256-row tile spilled 148 bytes per thread; dV alone, 222 registers."""
+
 
 def _resident_blocks(sq: int, block_d: int) -> _Blocks | None:
     """The resident backward's tile for Sq queries (every row in one block of m >= Sq, 32-key
     blocks; 8 warps from 128 rows), or None past RESIDENT_MAX_M rows or D > 64: there its fp32
     dQ of m x D would not fit the registers. sm_90, `bench attention --aot`: ViT-B/16's
-    256 x 32 tile uses 255 registers, text's 128 x 32 on 8 warps 128, neither spills (Triton
-    3.6 and 3.9)."""
+    256 x 32 tile uses 222 registers (Triton 3.6; 218 with 3.9), text's 128 x 32 on 8 warps
+    126 (124), neither spills."""
     rows = _next_pow2(max(sq, 64))
     if rows > RESIDENT_MAX_M or block_d > 64:
         return None
@@ -372,14 +378,15 @@ def _launch_bwd_resident(ins: tuple, grads: tuple, kpm: torch.Tensor | None, cau
     s_chunk = dkp.stride(0) if chunks > 1 else 0
     kv_strides = (*dkp.stride()[-4:], *dvp.stride()[-4:])
     mask_t, smb, smn = _mask_launch_args(kpm, lse)
-    chunk0 = 0
+    chunk0, transpose = 0, resident_transposed() and block_d >= 64  # wgmma needs M >= 64
     for block_m, row0, n in launches:
         _attn_bwd_resident[(batch * heads, n)](
             q, k, v, o, do, dq, dkp, dvp, lse, mask_t, *q.stride(), *k.stride(), *v.stride(),
             *o.stride(), *do.stride(), *dq.stride(), *kv_strides, smb, smn, scale, heads, sq,
             sk, row0, chunk0, s_chunk, HEAD_D=dim, BLOCK_M=block_m, BLOCK_N=cfg.n,
             BLOCK_D=block_d, CAUSAL=causal, HAS_KPM=kpm is not None,
-            TAIL_N=_tail(sk, cfg.n, causal, kpm),
+            TAIL_N=_tail(sk, cfg.n, causal, kpm), DV_T=transpose,
+            DK_T=transpose and block_m <= RESIDENT_DK_T_MAX_M,
             num_warps=cfg.warps if block_m >= 128 else min(cfg.warps, 4),
             num_stages=cfg.stages)
         chunk0 += n

@@ -93,6 +93,30 @@ def tile_override(fwd: _Blocks | None = None, bwd_kv: _Blocks | None = None,
         _override.update(previous)
 
 
+_resident = {"transpose": True}
+
+
+@contextlib.contextmanager
+def resident_untransposed() -> Iterator[None]:
+    """Inside the block, the resident backward computes dK and dV as kernel version 6 did
+    (dV = Pᵀ dO, dK = dSᵀ Q: the key block as the matmuls' M, mma.sync on Hopper) instead of
+    transposed (the head dim as M: wgmma); the rest, store order included, is version 8's.
+    For A/B timing: `bench attention`'s `triton_resident_v6` column. Read at each backward
+    launch."""
+    previous = _resident["transpose"]
+    _resident["transpose"] = False
+    try:
+        yield
+    finally:
+        _resident["transpose"] = previous
+
+
+def resident_transposed() -> bool:
+    """Whether resident backward launches may transpose dK, dV (False in
+    `resident_untransposed`)."""
+    return _resident["transpose"]
+
+
 TileKey = tuple[int, int, int, bool]  # (Sq, Sk, BLOCK_D, causal)
 
 

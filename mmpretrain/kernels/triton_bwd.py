@@ -313,12 +313,17 @@ def _resident_block(dq, q, do, lse2, delta, start_n, K, V, DK, DV, KPM, b, h, ro
                     d_ok, skb, skh, sks, skd, svb, svh, svs, svd, sdkb, sdkh, sdks, sdkd,
                     sdvb, sdvh, sdvs, sdvd, smb, smn, sm_scale, SEQ_Q, SEQ_K,
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    HAS_KPM: tl.constexpr):
+                    HAS_KPM: tl.constexpr, DV_T: tl.constexpr, DK_T: tl.constexpr):
     """Key block [start_n, start_n + BN) against every query row at once: its dK and dV are
     complete after this one step and stored; dS K is added to the dQ (BM, BD) it returns.
 
     Without MASKED (whole key blocks of unpadded, non-causal calls) nothing is masked: rows
     past Sq load q = dO = 0 and delta = 0, so they add nothing to dK, dV, and are not stored.
+    With DV_T (DK_T) dV (dK) is computed transposed, dOᵀ P (Qᵀ dS): (BD, BN) with the head
+    dim as the matmul's M, which Hopper's wgmma takes (M >= 64); P dO with BN = 16-32 keys as
+    M runs on the older mma.sync. Each product is stored as soon as it is made, which keeps
+    fewer values live (that alone took ViT-B/16's 256 x 32 tile from 255 to 196 registers,
+    ptxas for sm_90).
     """
     cols = start_n + tl.arange(0, BLOCK_N)  # (BN,)
     kv_mask = d_ok[None, :]  # (1, BD): a whole block's keys all exist
@@ -333,14 +338,23 @@ def _resident_block(dq, q, do, lse2, delta, start_n, K, V, DK, DV, KPM, b, h, ro
         keep = _keep_mask(rows, cols, b, KPM, smb, smn, SEQ_Q, SEQ_K, CAUSAL, HAS_KPM)
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s)  # (BM, BN)
-    dv = tl.dot(tl.trans(p.to(do.dtype)), do)  # (BN, BD)
+    dv_ptrs = DV + b * sdvb + h * sdvh + cols[:, None] * sdvs + offs_d[None, :] * sdvd
+    if DV_T:
+        dvt = tl.dot(tl.trans(do), p.to(do.dtype))  # (BD, BN)
+        tl.store(tl.trans(dv_ptrs), dvt.to(DV.dtype.element_ty), mask=tl.trans(kv_mask))
+    else:
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do)  # (BN, BD)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
     dp = tl.dot(do, tl.trans(v))  # (BM, BN)
     ds = (p * (dp - delta[:, None])).to(q.dtype)  # (BM, BN)
-    dk = tl.dot(tl.trans(ds), q)  # (BN, BD)
-    tl.store(DK + b * sdkb + h * sdkh + cols[:, None] * sdks + offs_d[None, :] * sdkd,
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * sdvb + h * sdvh + cols[:, None] * sdvs + offs_d[None, :] * sdvd,
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk_ptrs = DK + b * sdkb + h * sdkh + cols[:, None] * sdks + offs_d[None, :] * sdkd
+    if DK_T:
+        dkt = tl.dot(tl.trans(q), ds)  # (BD, BN)
+        tl.store(tl.trans(dk_ptrs), (dkt * sm_scale).to(DK.dtype.element_ty),
+                 mask=tl.trans(kv_mask))
+    else:
+        dk = tl.dot(tl.trans(ds), q)  # (BN, BD)
+        tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     return tl.dot(ds, k, dq)  # (BM, BD) fp32
 
 
@@ -359,7 +373,7 @@ def _attn_bwd_resident(
     sm_scale, H, SEQ_Q, SEQ_K, ROW0, CHUNK0, s_chunk,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    TAIL_N: tl.constexpr,
+    TAIL_N: tl.constexpr, DV_T: tl.constexpr, DK_T: tl.constexpr,
 ):
     """dQ, dK, dV of one (batch, head) whose query rows fit one block (BLOCK_M >= Sq), or,
     chunked, dQ of one chunk of BLOCK_M query rows and that chunk's share of dK, dV.
@@ -401,19 +415,22 @@ def _attn_bwd_resident(
             dq = _resident_block(dq, q, do, lse2, delta, start_n, K, V, DK, DV, KPM, b, h,
                                  rows, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs, svd,
                                  sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, smb, smn,
-                                 sm_scale, SEQ_Q, SEQ_K, BLOCK_N, True, CAUSAL, HAS_KPM)
+                                 sm_scale, SEQ_Q, SEQ_K, BLOCK_N, True, CAUSAL, HAS_KPM,
+                                 DV_T, DK_T)
     else:
         whole = (SEQ_K // BLOCK_N) * BLOCK_N
         for start_n in tl.range(0, whole, BLOCK_N):
             dq = _resident_block(dq, q, do, lse2, delta, start_n, K, V, DK, DV, KPM, b, h,
                                  rows, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs, svd,
                                  sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, smb, smn,
-                                 sm_scale, SEQ_Q, SEQ_K, BLOCK_N, False, CAUSAL, HAS_KPM)
+                                 sm_scale, SEQ_Q, SEQ_K, BLOCK_N, False, CAUSAL, HAS_KPM,
+                                 DV_T, DK_T)
         for start_n in tl.range(whole, SEQ_K, TAIL_N, num_stages=1):
             dq = _resident_block(dq, q, do, lse2, delta, start_n, K, V, DK, DV, KPM, b, h,
                                  rows, offs_d, d_ok, skb, skh, sks, skd, svb, svh, svs, svd,
                                  sdkb, sdkh, sdks, sdkd, sdvb, sdvh, sdvs, sdvd, smb, smn,
-                                 sm_scale, SEQ_Q, SEQ_K, TAIL_N, True, CAUSAL, HAS_KPM)
+                                 sm_scale, SEQ_Q, SEQ_K, TAIL_N, True, CAUSAL, HAS_KPM,
+                                 DV_T, DK_T)
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqs + offs_d[None, :] * sdqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
