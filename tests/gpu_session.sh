@@ -154,11 +154,12 @@ quick() {
     pytest -q -m gpu -p no:cacheprovider -k "not training" tests/test_attention_triton.py
   # the default tiles (`triton`: the resident backward for ViT-B/16 and text, fused 64x64 for
   # the L/14 shapes; `triton_fused`: 64x64 everywhere, version 5's; `triton_chunked`: the
-  # resident kernel on 256-row chunks, the L/14 shapes' candidate); the Triton kernels are
-  # first compiled in parallel (--precompile-workers)
-  step 90 "bench attention" $py -m mmpretrain.cli bench attention --warmup 5 --iters 30 \
+  # resident kernel on 256-row chunks, the L/14 shapes' candidate; `triton_resident_v6`:
+  # the resident kernel with version 6's mma.sync products, against version 8's in `triton`);
+  # the Triton kernels are first compiled in parallel (--precompile-workers; not v6's)
+  step 100 "bench attention" $py -m mmpretrain.cli bench attention --warmup 5 --iters 30 \
     --shapes vit_b16,vit_l14,vit_l14_336,text_causal --json "$OUT/attention.json" \
-    --impls triton,triton_split,triton_fused,triton_chunked,sdpa_flash,sdpa_cudnn
+    --impls triton,triton_resident_v6,triton_split,triton_fused,triton_chunked,sdpa_flash,sdpa_cudnn
   local common=(bench train --zero 1 --steps 15 --warmup 6)
   # timed steps first, then 3 profiled ones of each: the phase timeline (device busy/idle per
   # forward, backward and optimizer step, and the host ops the device waited on) side by side

@@ -300,6 +300,8 @@ def test_resident_candidates_and_plan() -> None:
     assert sweep.fused_candidates(64, sq=257) == sweep.fused_candidates(64)  # 512 rows: none
     assert bench.plan_override("triton_resident", 64, 90, 77) == {
         "bwd_fused": Blocks(128, 32, 8, 2)}
+    assert bench.plan_override("triton_resident_v6", 64, 90, 77) == bench.plan_override(
+        "triton_resident", 64, 90, 77)
     assert bench.plan_override("triton_fused", 64, 90, 77) == {"bwd_fused": Blocks(64, 64, 4, 2)}
     for sq, dim in ((257, 64), (197, 80)):
         with pytest.raises(ValueError, match="no resident tile"):

@@ -9,6 +9,7 @@ No numbers are recorded here until they are measured on a GPU (docs/PERFORMANCE.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 from typing import Callable
@@ -27,13 +28,15 @@ SHAPES: dict[str, tuple[int, int, int, int, int, bool]] = {
     "text_causal": (512, 8, 77, 77, 64, True),
     "long": (8, 16, 4096, 4096, 128, False),
 }
-IMPLS = ("triton", "triton_split", "triton_fused", "triton_resident", "triton_chunked",
-         "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
+IMPLS = ("triton", "triton_split", "triton_fused", "triton_resident", "triton_resident_v6",
+         "triton_chunked", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
 # `triton`: the backward plan and tiles the heuristic picks; these force one plan:
 # split, fused with its query-blocked tile (64 x 64 on Hopper), fused with every query row
-# in one block (the resident kernel; Sq <= 256, D <= 64), the resident kernel on chunks of
-# 256 query rows (D <= 64; an experiment, never the heuristic's choice)
-TRITON_PLANS = ("triton_split", "triton_fused", "triton_resident", "triton_chunked")
+# in one block (the resident kernel; Sq <= 256, D <= 64), the same with dK, dV computed as
+# kernel version 6 did (mma.sync; for A/B timing of version 8), the resident kernel on chunks
+# of 256 query rows (D <= 64; an experiment, never the heuristic's choice)
+TRITON_PLANS = ("triton_split", "triton_fused", "triton_resident", "triton_resident_v6",
+                "triton_chunked")
 CHUNK = Blocks(256, 32, 8, 2)  # `triton_chunked`'s tile: ViT-B/16's resident tile
 COPIES = 4  # input sets rotated between timed runs
 
@@ -90,8 +93,8 @@ def plan_override(name: str, dim: int, arch: int, sq: int = 0) -> dict[str, Bloc
         return {"bwd_kv": kv, "bwd_q": q}
     if name == "triton_fused":
         return {"bwd_fused": _fused_blocks(block_d, arch)}
-    if name in ("triton_resident", "triton_chunked"):
-        resident = name == "triton_resident"
+    if name in ("triton_resident", "triton_resident_v6", "triton_chunked"):
+        resident = name != "triton_chunked"
         tile = _resident_blocks(sq, block_d) if resident else CHUNK if block_d <= 64 else None
         if tile is None:
             raise ValueError(f"no {name[7:]} tile for Sq={sq}, D={dim} (D <= 64, resident: "
@@ -140,11 +143,13 @@ def bench_one(name: str, shape_name: str, dtype: torch.dtype, warmup: int,
                  "causal": shape[5], "dtype": str(dtype).replace("torch.", "")}
     try:
         from mmpretrain.kernels.attention_triton import tile_override
+        from mmpretrain.kernels.tiles import resident_untransposed
 
         fn = make_impl(name, shape[5], shape[2], shape[3], torch.device("cuda"))
         sets = _inputs(shape, dtype)
-        with tile_override(**plan_override(name, shape[4], device_arch(sets[0][0].device),
-                                           shape[2])):
+        v6 = resident_untransposed() if name == "triton_resident_v6" else contextlib.nullcontext()
+        with v6, tile_override(**plan_override(name, shape[4], device_arch(sets[0][0].device),
+                                               shape[2])):
             with torch.no_grad():
                 fwd = _time_ms(lambda s: fn(*s[:3]), sets, warmup, iters)
             fwd_bwd = _time_ms(
