@@ -254,14 +254,38 @@ def test_host_ab_ratios_are_per_round() -> None:
     from mmpretrain.engine.host_ab import HostAbOptions, _report, format_host_ab
 
     times = {"a": [10.0, 20.0, 40.0], "b": [15.0, 20.0, 60.0], "open_clip": [5.0, 10.0, 20.0]}
-    report = _report(HostAbOptions(rounds=3), times, torch.device("cpu"))
+    kernels = {"a": 1308, "b": 0, "open_clip": 1335}
+    report = _report(HostAbOptions(rounds=3), times, kernels, torch.device("cpu"))
     rows = {r["name"]: r for r in report["participants"]}
+    assert [r["inductor_kernels"] for r in rows.values()] == [1308, 0, 1335]
     assert list(rows) == ["a", "b", "open_clip"]
     assert rows["a"]["vs_first"] == 1.0 and rows["b"]["vs_first"] == 1.5
     assert rows["a"]["vs_open_clip"] == 2.0 and rows["b"]["vs_open_clip"] == 3.0
     assert rows["b"]["median_ms"] == 20.0 and rows["b"]["rounds_ms"] == [15.0, 20.0, 60.0]
     table = format_host_ab(report)
-    assert "1.50x" in table and "3.00x" in table and table.count("\n") == 5
+    assert "1.50x" in table and "3.00x" in table and "1335" in table and table.count("\n") == 5
+
+
+def test_host_ab_counts_each_participants_inductor_kernels() -> None:
+    """Kernels Inductor generates while a participant runs (its first calls compile) are
+    counted for that participant only, across warm-up and rounds."""
+    from torch._inductor import metrics
+
+    from mmpretrain.engine.host_ab import HostAbOptions, _rounds
+
+    calls = {"compiled": 0, "eager": 0}
+
+    def make(name: str, compiles: int):  # noqa: ANN202
+        def run(n: int) -> None:
+            calls[name] += 1
+            if calls[name] <= 2:  # warm-up and the first round compile
+                metrics.generated_kernel_count += compiles
+        return run
+
+    times, kernels = _rounds(HostAbOptions(rounds=3, steps=1, warmup=1), torch.device("cpu"),
+                             {"compiled": make("compiled", 7), "eager": make("eager", 0)})
+    assert kernels == {"compiled": 14, "eager": 0}
+    assert all(len(ms) == 3 for ms in times.values())
 
 
 def test_host_ab_runs_variants_in_rounds() -> None:
@@ -277,6 +301,7 @@ def test_host_ab_runs_variants_in_rounds() -> None:
     rows = report["participants"]
     assert [r["name"] for r in rows] == ["optim.grad_clip=1.0", "optim.grad_clip=0"]
     assert rows[0]["vs_first"] == 1.0 and rows[1]["vs_open_clip"] is None
+    assert [r["inductor_kernels"] for r in rows] == [0, 0]  # eager: nothing compiled
     assert all(len(r["rounds_ms"]) == 2 and min(r["rounds_ms"]) > 0 for r in rows)
     proc = subprocess.run([*run, "--compare", "open_clip"], cwd=REPO, env=clean_env(),
                           capture_output=True, text=True, timeout=600)
