@@ -155,6 +155,13 @@ def test_resident_backward_transposes_products_for_wgmma(shape: tuple, causal: b
     assert resident_transposed()
     v6 = [a.kwargs for a in launches if a.name == "bwd_resident"][0]
     assert (v6["DV_T"], v6["DK_T"]) == (False, False)
+    from mmpretrain.kernels.attention_triton import Blocks, tile_override
+
+    tile = Blocks(resident[0].kwargs["BLOCK_M"], 32, 8, 2)
+    with tile_override(bwd_fused=tile):  # forced on Ampere: no wgmma, nothing to transpose
+        launches = aot.capture_launches(*shape, causal=causal, masked=causal, arch=80)
+    ampere = [a.kwargs for a in launches if a.name == "bwd_resident"][0]
+    assert (ampere["DV_T"], ampere["DK_T"]) == (False, False)
 
 
 def test_chunked_plan_launches_chunks_then_their_sum() -> None:

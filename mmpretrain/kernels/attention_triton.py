@@ -141,9 +141,8 @@ RESIDENT_MAX_M = 256
 """Largest query block the heuristic gives the resident backward (dQ in registers)."""
 
 RESIDENT_DK_T_MAX_M = 128
-"""Largest query block whose resident backward computes dK transposed as well as dV (DK_T,
-DV_T in `_resident_block`; D = 64): all five matmuls on wgmma. sm_90, Triton 3.6: both
-transposed, ViT-B/16's 256-row tile spilled 148 bytes per thread; dV alone, 222 registers."""
+"""Largest query block whose resident backward also transposes dK (DK_T; D = 64, Hopper): at
+256 rows both transposed spilled 148 bytes per thread (sm_90, Triton 3.6), dV alone did not."""
 
 
 def _resident_blocks(sq: int, block_d: int) -> _Blocks | None:
@@ -378,7 +377,8 @@ def _launch_bwd_resident(ins: tuple, grads: tuple, kpm: torch.Tensor | None, cau
     s_chunk = dkp.stride(0) if chunks > 1 else 0
     kv_strides = (*dkp.stride()[-4:], *dvp.stride()[-4:])
     mask_t, smb, smn = _mask_launch_args(kpm, lse)
-    chunk0, transpose = 0, resident_transposed() and block_d >= 64  # wgmma needs M >= 64
+    chunk0, hopper = 0, device_arch(q.device) >= 90  # wgmma: M >= 64, so D = 64 as M
+    transpose = resident_transposed() and block_d >= 64 and hopper
     for block_m, row0, n in launches:
         _attn_bwd_resident[(batch * heads, n)](
             q, k, v, o, do, dq, dkp, dvp, lse, mask_t, *q.stride(), *k.stride(), *v.stride(),
