@@ -42,8 +42,9 @@ def test_interpreter_parity(dtype: str) -> None:
 
 
 def test_interpreter_compiled_blocks_have_no_graph_break() -> None:
-    """Inside torch.compile the kernel is a custom op (kernels/ops.py): opcheck passes, and the
-    image, causal padded text and decoder blocks compile with fullgraph=True and match eager."""
+    """Inside torch.compile the kernel is a custom op (kernels/ops.py): opcheck passes, the
+    image, causal padded text and decoder blocks compile with fullgraph=True and match eager,
+    and so does the tiny CoCa compiled as one graph through its compiled blocks."""
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "triton_compile_checks.py")],
                           cwd=REPO, env=clean_env(TRITON_INTERPRET="1"), capture_output=True,
                           text=True, timeout=600)
@@ -51,6 +52,7 @@ def test_interpreter_compiled_blocks_have_no_graph_break() -> None:
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["opchecks"] == 12 and not report["failed"]
     assert sorted(report["blocks"]) == ["decoder_cross", "image", "text_causal_padded"]
+    assert list(report["model"]) == ["coca_one_graph"]
     assert report["worst"] <= report["tolerance"]
 
 
