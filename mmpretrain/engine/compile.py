@@ -19,7 +19,8 @@ on one rank without `offload_optimizer` and without activation checkpointing.
 Inductor fuses what sits between the matrix multiplications: LayerNorm (fp32 statistics), bias
 adds, GELU and residual adds. Attention is one node of a block's graph: SDPA as PyTorch's op,
 the fused Triton kernel as our custom ops (`kernels/ops.py`, forward and backward), so each
-block compiles to one graph with no break (`tests/triton_compile_checks.py`).
+block compiles to one graph with no break, and so does the whole model through its
+compiled blocks (`tests/triton_compile_checks.py`).
 
 Shapes are static in training (fixed batch and context length), so blocks compile with
 `dynamic=False`. Evaluation batches of other sizes compile their own graphs; incremental
