@@ -9,6 +9,7 @@
     python tests/engine_checks.py old_order OUT_DIR STAGE  # a checkpoint in the old group order
     python tests/engine_checks.py syncs OUT_DIR       # device synchronizations per step
     python tests/engine_checks.py contiguous OUT_DIR  # contiguous_gradients off == on
+    torchrun --nproc_per_node 2 tests/engine_checks.py epilogue OUT_DIR  # overlap, no sync
 
 Each prints one JSON line with its measurements.
 """
@@ -315,7 +316,7 @@ def _streams_like_cuda(acc: Any) -> Iterator[None]:
 def check_syncs(out: str) -> dict:
     """Device-wide synchronizes per training step of the real engine on 1 rank in bf16, with
     our DeepSpeed config and with the one we had before 2026-12-01 (DeepSpeed's throughput
-    timer at its default, `overlap_comm` on as it was on every GPU). ZeRO 0-2 run with
+    timer at its default, `overlap_comm` on as it was on every GPU, DeepSpeed's epilogue). ZeRO 0-2 run with
     CUDA-like streams (`_streams_like_cuda`); ZeRO-3 needs real streams, so it runs with the
     CPU's own, where only the timer's synchronizes show."""
     import mmpretrain.engine.trainer as trainer_mod
@@ -342,11 +343,57 @@ def check_syncs(out: str) -> dict:
             with streams, _swapped(type(acc), "synchronize", counting), \
                     _swapped(trainer_mod, "build_ds_config", build):
                 t = _trainer(out, f"syncs_{stage}_{who}", f"engine.zero_stage={stage}",
-                             "engine.precision=bf16", "data.batch_size=8")
+                             "engine.precision=bf16", "data.batch_size=8",
+                             f"engine.epilogue_sync={who == 'before'}")
                 t.run_steps(3)  # DeepSpeed's timer starts timing at its third step
                 count[0] = 0
                 t.run_steps(3)
                 result[f"{stage}_{who}"] = count[0] / 3
+    return result
+
+
+def check_epilogue(out: str) -> dict:
+    """2 ranks, ZeRO-1 and ZeRO-2 in bf16 with `overlap_comm` on (the several-rank default on
+    a GPU) and CUDA-like streams: device-wide synchronizes per step and the weights after 3
+    steps with the stream-ordered epilogue (engine/zero_epilogue.py) and with DeepSpeed's own
+    (`engine.epilogue_sync=true`)."""
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from mmpretrain.engine.zero_epilogue import _stream_ordered_epilogue
+
+    acc, count = get_accelerator(), [0]
+    sync = type(acc).synchronize
+
+    def counting(self, device_index=None):
+        count[0] += 1
+        return sync(self, device_index)
+
+    result = {}
+    for stage in (1, 2):
+        runs = {}
+        for who, keep in (("ours", "false"), ("deepspeed", "true")):
+            with _streams_like_cuda(acc), _swapped(type(acc), "synchronize", counting):
+                t = _trainer(out, f"epilogue_{stage}_{who}", f"engine.zero_stage={stage}",
+                             "engine.precision=bf16", "data.batch_size=8",
+                             "engine.overlap_comm=true", f"engine.epilogue_sync={keep}")
+                start = {n: p.detach().float().clone() for n, p in t.task.named_parameters()}
+                t.run_steps(2)
+                count[0] = 0
+                t.run_steps(3)
+            method = t.optimizer.independent_gradient_partition_epilogue
+            runs[who] = {"syncs": count[0] / 3, "start": start,
+                         "installed": getattr(method, "__func__", None) is _stream_ordered_epilogue,
+                         "end": {n: p.detach().float().clone()
+                                 for n, p in t.task.named_parameters()}}
+        ours, ds = runs["ours"], runs["deepspeed"]
+        result[stage] = {
+            "world": dist.get_world_size(), "syncs": [ours["syncs"], ds["syncs"]],
+            "installed": [ours["installed"], ds["installed"]],
+            "max_abs_diff": max(float((ours["end"][n] - w).abs().max())
+                                for n, w in ds["end"].items()),
+            "max_moved": max(float((ds["end"][n] - w).abs().max())
+                             for n, w in ds["start"].items())}
     return result
 
 
@@ -435,6 +482,6 @@ if __name__ == "__main__":
               "nonfinite": check_nonfinite, "universal": check_universal,
               "align": check_align, "clip": check_clip, "repoint": check_repoint,
               "old_order": check_old_order, "syncs": check_syncs,
-              "contiguous": check_contiguous}[what](out_dir, *rest)
+              "contiguous": check_contiguous, "epilogue": check_epilogue}[what](out_dir, *rest)
     if os.environ.get("RANK", "0") == "0":
         print("RESULT " + json.dumps(result), flush=True)

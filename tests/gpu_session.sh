@@ -9,7 +9,8 @@
 #   bash tests/gpu_session.sh tiles       # bench attention --sweep: tile sizes and backward plans
 #   bash tests/gpu_session.sh train       # bench train ViT-B/32, B/16, L/14 vs compiled OpenCLIP
 #   bash tests/gpu_session.sh levers      # ViT-B/16: per-step sync, compile, triton, CUDA graphs,
-#                                         # foreach AdamW, fused loss, overlap_comm,
+#                                         # foreach AdamW, fused loss, overlap_comm
+#                                         # (with and without epilogue_sync),
 #                                         # contiguous_gradients, compile_scope, float8;
 #                                         # bench loss (fp32, TF32)
 #   bash tests/gpu_session.sh memory      # ViT-g/14 .. ViT-e/14, ZeRO-3 (+ offload), capped at 80 GB
@@ -80,7 +81,8 @@ levers() {
                  "engine.compile=true engine.compile_mode=reduce-overhead" \
                  "engine.compile=true engine.compile_mode=reduce-overhead model.attention=triton" \
                  "optim.impl=foreach" "loss.fused=true" \
-                 "engine.compile=true engine.overlap_comm=true" \
+                 "engine.compile=true engine.overlap_comm=true engine.contiguous_gradients=true" \
+                 "engine.compile=true engine.overlap_comm=true engine.contiguous_gradients=true engine.epilogue_sync=true" \
                  "engine.compile=true engine.contiguous_gradients=true" \
                  "engine.compile=true engine.compile_scope=blocks" \
                  "engine.compile=true engine.float8=tensorwise"; do

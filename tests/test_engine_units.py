@@ -399,3 +399,47 @@ def test_format_metrics_other_cases() -> None:
         "grad_norm nan | status ok | flag True")
     assert format_metrics({"x": -2e-5, "y": 123456.0}) == "x -2.000e-05 | y 1.235e+05"
     assert format_metrics({}) == ""
+
+
+def test_stream_ordered_epilogue_only_where_the_device_orders_the_data(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installed on a ZeRO-1/2 optimizer with overlap on the contiguous path and streams that
+    DeepSpeed orders by synchronizing; never with CPU offload (the host reads the gradients),
+    the other gradient path, overlap off, or where DeepSpeed skips the synchronize itself.
+    While installed, the epilogue's synchronize becomes a stream wait and is restored after."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    import mmpretrain.engine.zero_epilogue as ze
+
+    acc = get_accelerator()
+    waits: list[tuple[object, object]] = []
+
+    class Stream:
+        def wait_stream(self, other: object) -> None:
+            waits.append((self, other))
+
+    def fake(**kw: object) -> DeepSpeedZeroOptimizer:
+        opt = object.__new__(DeepSpeedZeroOptimizer)
+        vars(opt).update(dict(cpu_offload=False, overlap_comm=True, contiguous_gradients=True,
+                              reduction_stream=Stream()), **kw)
+        return opt
+
+    monkeypatch.setattr(type(acc), "resolves_data_dependency", lambda self: False)
+    for kw in ({"cpu_offload": True}, {"contiguous_gradients": False},
+               {"overlap_comm": False}, {"reduction_stream": None}):
+        assert not ze.install_stream_ordered_epilogue(fake(**kw)), kw
+    assert not ze.install_stream_ordered_epilogue(object())
+    opt = fake()
+    monkeypatch.setattr(type(acc), "resolves_data_dependency", lambda self: True)
+    assert not ze.install_stream_ordered_epilogue(opt)
+    monkeypatch.setattr(type(acc), "resolves_data_dependency", lambda self: False)
+    assert ze.install_stream_ordered_epilogue(opt)
+
+    current = Stream()
+    monkeypatch.setattr(type(acc), "current_stream", lambda self, device_index=None: current)
+    monkeypatch.setattr(DeepSpeedZeroOptimizer, "independent_gradient_partition_epilogue",
+                        lambda self: get_accelerator().synchronize())
+    opt.independent_gradient_partition_epilogue()
+    assert waits == [(current, opt.reduction_stream)]
+    assert "synchronize" not in vars(acc)  # the class's own synchronize again

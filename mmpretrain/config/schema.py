@@ -264,16 +264,22 @@ class EngineConfig:
     contrastive loss's fp32 logits, the only fp32 matmuls; in fp32 runs every matmul."""
     overlap_comm: Literal["auto"] | bool = "auto"
     """Overlap ZeRO's gradient reduction (and offload copies) with the backward pass
-    (DeepSpeed's `overlap_comm`). Its overlap path synchronizes the device at the end of every
-    backward, so the host's optimizer work is no longer hidden behind queued GPU work. `auto`:
-    on CUDA only when there is a transfer to hide (more than one rank, or
-    `offload_optimizer`); off for one GPU and on CPU."""
+    (DeepSpeed's `overlap_comm`): a side stream and bucket bookkeeping that pay off only when
+    there is a transfer to hide. DeepSpeed ends each overlapped backward with a device-wide
+    synchronize; with contiguous gradients and no offload a stream wait replaces it (see
+    `epilogue_sync`). `auto`: on CUDA only when there is a transfer to hide (more than one
+    rank, or `offload_optimizer`); off for one GPU and on CPU."""
     contiguous_gradients: Literal["auto"] | bool = "auto"
     """ZeRO copies each gradient into a reduce bucket as it is produced, reduces the bucket and
     copies its share into one contiguous partition (DeepSpeed's `contiguous_gradients`): what
     feeds a reduce-scatter and offload copies, at three copies and a few dozen Python lines per
     parameter. `auto`: on with more than one rank, `offload_optimizer` or ZeRO-3; off for one
     rank of ZeRO-1/2, whose gradients are then flattened once for the optimizer."""
+    epilogue_sync: bool = False
+    """Keep DeepSpeed's device-wide synchronize at the end of every backward on the
+    `overlap_comm` path (ZeRO-1/2 with contiguous gradients, no offload). By default a wait of
+    the compute stream on the reduction stream orders the same data on the device while the
+    host runs ahead (`engine/zero_epilogue.py`); `true` restores DeepSpeed's behaviour."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: `auto` is nccl on CUDA and gloo on CPU."""
     compile: bool = False

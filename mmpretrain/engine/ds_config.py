@@ -23,10 +23,11 @@ def precision_dtype(precision: str) -> torch.dtype:
 
 
 def overlap_comm(cfg: ExperimentConfig, world_size: int, device: torch.device) -> bool:
-    """Resolve `engine.overlap_comm`. DeepSpeed's overlap path (ZeRO-1/2) ends every backward
-    with a device-wide synchronize, which stalls the host until the GPU drains and leaves the
-    GPU idle while the host then runs the optimizer step; worth it only where a reduction or
-    an offload copy is long enough to hide behind the backward."""
+    """Resolve `engine.overlap_comm`. DeepSpeed's overlap path (ZeRO-1/2) reduces on a side
+    stream and ends every backward with a device-wide synchronize (a stream wait instead where
+    `engine/zero_epilogue.py` applies; never with offload), which stalls the host until the GPU
+    drains; worth it only where a reduction or an offload copy is long enough to hide behind
+    the backward."""
     choice = cfg.engine.overlap_comm
     if choice != "auto":
         return bool(choice)

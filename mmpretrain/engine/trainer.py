@@ -77,6 +77,7 @@ class Trainer:
     def _build(self) -> None:
         import deepspeed
 
+        from mmpretrain.engine.zero_epilogue import install_stream_ordered_epilogue
         from mmpretrain.engine.zero_norm import install_foreach_grad_norm
         from mmpretrain.engine.zero_repoint import install_repoint_check
 
@@ -105,6 +106,8 @@ class Trainer:
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim))
         install_foreach_grad_norm(self.optimizer)  # ZeRO-1/2: one norm kernel, not ~900
         install_repoint_check(self.optimizer)  # ZeRO-1/2: no per-step re-pointing of params
+        if not cfg.engine.epilogue_sync:  # ZeRO-1/2 overlap: no device sync after the backward
+            install_stream_ordered_epilogue(self.optimizer)
         self.stream = build_train_stream(cfg, self.tokenizer, self.rank, self.world)
         self.jsonl = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
         self.global_batch = cfg.data.batch_size * cfg.engine.grad_accum * self.world
