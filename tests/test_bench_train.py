@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mmpretrain.engine.bench as engine_bench
-from helpers import REPO, clean_env
+from helpers import REPO, clean_env, free_port
 from mmpretrain.config.load import load_config
 from mmpretrain.engine.bench import (PROFILE_STEPS, SKIP_MESSAGE, open_clip_name,
                                      open_clip_problem)
@@ -69,6 +69,21 @@ def test_tiny_cpu_run_reports_sane_numbers(tiny_run: subprocess.CompletedProcess
     assert "n/a (unknown peak)" in table and "samples/s" in table
     assert "optim.lr=0.0005, device synced before each step" in table
     assert "predicted (bench memory)" in table and "host peak RSS" in table
+
+
+def test_two_ranks_finish_with_the_memory_prediction() -> None:
+    """torchrun, 2 ranks on CPU: only rank 0 measures the memory plan, and the plan's forward
+    must not gather across ranks (its loss once waited in an all-gather that rank 1, waiting
+    in the barrier after the timed steps, never joined: the run hung)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(free_port()), "-m", "mmpretrain.cli", "bench", "train",
+         "--model", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1", "--json"],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ours = json.loads(proc.stdout.strip().splitlines()[-1])["mmpretrain"]
+    assert ours["world_size"] == 2 and ours["global_batch"] == 8 and ours["steps"] == 2
+    assert ours["samples_per_s"] > 0 and 0 < ours["predicted_peak_gb"] < 1
 
 
 def test_profile_reports_where_the_time_goes(tiny_run: subprocess.CompletedProcess,

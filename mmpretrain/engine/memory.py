@@ -161,13 +161,15 @@ def _with_depths(cfg: Any, depths: dict[str, int]) -> Any:
 
 @contextlib.contextmanager
 def _scratch_builds() -> Iterator[None]:
-    """Build throwaway models without touching the process: building one sets the default
-    attention implementation, and its initialization draws from the random state."""
+    """Build and run throwaway models without touching the process: building one sets the
+    default attention implementation, its initialization draws from the random state, and its
+    loss would gather across the process group, which only this rank is measuring."""
     from mmpretrain.kernels import get_default_impl, set_default_impl
+    from mmpretrain.losses.contrastive import as_one_process
 
     default = get_default_impl()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), as_one_process():
             torch.manual_seed(0)
             yield
     finally:

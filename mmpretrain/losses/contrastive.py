@@ -20,6 +20,9 @@ whose 1-rank loss is L):
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
@@ -30,9 +33,26 @@ from mmpretrain.config.schema import LossConfig
 from mmpretrain.losses.fused import infonce, siglip
 
 
+_ONE_PROCESS = [False]
+
+
+@contextlib.contextmanager
+def as_one_process() -> Iterator[None]:
+    """Inside, the losses ignore the process group: no collectives, the local batch alone. For
+    a forward that one rank runs by itself (the memory plan's measurement, `engine/memory.py`),
+    where a gather would wait forever for ranks that never join it."""
+    before = _ONE_PROCESS[0]
+    _ONE_PROCESS[0] = True
+    try:
+        yield
+    finally:
+        _ONE_PROCESS[0] = before
+
+
 def _world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, or (0, 1) when not distributed."""
-    if dist.is_available() and dist.is_initialized():
+    """(rank, world size) of the default process group, or (0, 1) when not distributed (or
+    inside `as_one_process`)."""
+    if not _ONE_PROCESS[0] and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
