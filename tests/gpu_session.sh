@@ -19,6 +19,7 @@
 #                                         # (a 15-minute device budget): see quick() below
 #   bash tests/gpu_session.sh rest        # the GPU tests quick leaves out, on a warm machine
 #   bash tests/gpu_session.sh profile     # where ViT-B/16's step time goes, ours vs OpenCLIP
+#   bash tests/gpu_session.sh syncs       # host waits inside a step; the overlap path's epilogue
 #   bash tests/gpu_session.sh compare     # ViT-B/16 and B/32 vs compiled OpenCLIP, <= 5 minutes
 #   bash tests/gpu_session.sh autotune    # ViT-B/16 with compile_mode=max-autotune (AUTOTUNE_LIMIT s)
 #   bash tests/gpu_session.sh float8      # engine.float8 (torchao): B/16 two recipes, B/32, L/14
@@ -222,6 +223,15 @@ profile() {
   grep -E "^==|samples/s|ratio|step time|x  " "$log"
 }
 
+# What makes the host wait inside a step (torch.cuda.set_sync_debug_mode, by calling line), and
+# the overlap path's stream-ordered epilogue against DeepSpeed's synchronizing one: the gpu
+# tests of tests/test_engine.py, ~2.5 minutes on a warm machine.
+syncs() {
+  timeout -k 10 "${SYNCS_LIMIT:-170}" $py -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_engine.py > "$OUT/syncs.log" 2>&1
+  echo "gpu tests (syncs) rc=$?" | tee -a "$OUT/syncs.log"; tail -n 40 "$OUT/syncs.log"
+}
+
 # Ours against compiled OpenCLIP in one short call (<= 5 minutes): ViT-B/16 compiled (SDPA,
 # then Triton), ViT-B/32.
 compare() {
@@ -292,9 +302,10 @@ case "$stage" in
   shards) shards ;;
   rest) rest ;;
   profile) profile ;;
+  syncs) syncs ;;
   compare) compare ;;
   autotune) autotune ;;
   float8) float8 ;;
   all) check; attention; train ;;
-  *) echo "unknown stage $stage (check|attention|tiles|train|levers|memory|quick|rest|profile|compare|autotune|float8|shards|all)"; exit 2 ;;
+  *) echo "unknown stage $stage (check|attention|tiles|train|levers|memory|quick|rest|profile|syncs|compare|autotune|float8|shards|all)"; exit 2 ;;
 esac

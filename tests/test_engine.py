@@ -12,11 +12,12 @@ import torch
 from helpers import REPO, clean_env, free_port, losses, run_train
 
 
-def _check(name: str, out: Path, *args: str, nproc: int = 1) -> dict:
+def _check(name: str, out: Path, *args: str, nproc: int = 1,
+           script: str = "engine_checks.py") -> dict:
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
         "--master_port", str(free_port())]
-    proc = subprocess.run([*launcher, str(REPO / "tests" / "engine_checks.py"), name,
+    proc = subprocess.run([*launcher, str(REPO / "tests" / script), name,
                            str(out), *args], cwd=REPO, env=clean_env(), capture_output=True,
                           text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -148,6 +149,20 @@ def test_gpu_stream_ordered_epilogue_trains_as_deepspeeds(tmp_path: Path, stage:
     assert sorted(ours) == sorted(theirs) and len(ours) == 20, traces
     for step, loss in theirs.items():
         assert abs(ours[step] - loss) <= 1e-3 * max(1.0, abs(loss)), (step, traces)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_step_waits_only_for_the_lagged_flags(tmp_path: Path) -> None:
+    """One GPU, bf16, ZeRO-1 (eager and compiled) and ZeRO-2 on the overlap path: in 4 steps
+    without logging, the only operation that makes the host wait for the device is the read of
+    the previous step's flags (`engine/stepflags.py`), once a step. Anything else (an `.item()`
+    in our code or DeepSpeed's) is listed by the line that called it."""
+    r = _check("host_syncs", tmp_path, script="gpu_checks.py")
+    for name, s in r.items():
+        ours = {k: v for k, v in s["syncs"].items() if "stepflags.py" in k}
+        others = {k: v for k, v in s["syncs"].items() if k not in ours}
+        assert not others and sum(ours.values()) <= s["steps"], (name, r)
 
 
 def test_contiguous_gradients_off_trains_the_same(tmp_path: Path) -> None:

@@ -1,0 +1,70 @@
+"""Checks that need a GPU and a fresh process; run by the `gpu` tests of tests/test_engine.py.
+
+    python tests/gpu_checks.py host_syncs OUT_DIR   # operations that made the host wait, per step
+
+Each prints one JSON line with its measurements.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+from engine_checks import _trainer
+
+SYNC_WARNING = "synchronizing"
+"""In the message of the warning `torch.cuda.set_sync_debug_mode("warn")` gives each operation
+that makes the host wait for the device (`.item()`, `.tolist()`, a copy to the CPU, ...)."""
+
+
+def _where(w: warnings.WarningMessage) -> str:
+    """The Python line that called a synchronizing operation, relative to the repository (or
+    to site-packages for a library's)."""
+    path = w.filename
+    for root in ("site-packages" + os.sep, os.getcwd() + os.sep):
+        if root in path:
+            path = path.split(root, 1)[1]
+    return f"{path}:{w.lineno}"
+
+
+def check_host_syncs(out: str) -> dict:
+    """The real Trainer on one GPU (tiny model, bf16): after 3 warm-up steps, the synchronizing
+    operations (`torch.cuda.set_sync_debug_mode`) of 4 more steps without logging, by the line
+    that called them, for ZeRO-1, ZeRO-2 on the overlap path, and ZeRO-1 compiled. By design
+    the step's only wait is the lagged read of the previous step's flags
+    (`engine/stepflags.py`): one per step, while the GPU still has this step queued."""
+    runs = {"zero1": ["engine.zero_stage=1"],
+            "zero2_overlap": ["engine.zero_stage=2", "engine.overlap_comm=true",
+                              "engine.contiguous_gradients=true"],
+            "zero1_compiled": ["engine.zero_stage=1", "engine.compile=true"]}
+    result = {}
+    for name, overrides in runs.items():
+        t = _trainer(out, f"syncs_{name}", "engine.device=cuda", "engine.precision=bf16",
+                     "data.batch_size=8", "logging.log_every=1000", *overrides)
+        t.run_steps(3)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                t.run_steps(4)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        lines: dict[str, int] = {}
+        for w in caught:
+            if SYNC_WARNING in str(w.message):
+                lines[_where(w)] = lines.get(_where(w), 0) + 1
+        result[name] = {"steps": 4, "syncs": lines}
+    return result
+
+
+if __name__ == "__main__":
+    from mmpretrain.engine.dist import free_port
+
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    what, out_dir, *rest = sys.argv[1:]
+    result = {"host_syncs": check_host_syncs}[what](out_dir, *rest)
+    print("RESULT " + json.dumps(result), flush=True)
