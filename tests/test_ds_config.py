@@ -138,3 +138,18 @@ def test_ds_config_is_pure() -> None:
     assert again["zero_optimization"]["stage"] == 2
     assert again["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert cfg == before
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_ds_config_refuses_unreduced_cpu_gradients(stage: int) -> None:
+    """DeepSpeed 0.19.7's plain (non-contiguous) ZeRO-1/2 path reduces nothing on several CPU
+    ranks; asking for it there is an error naming the key, and the same config is fine on one
+    rank, on CUDA, or with the contiguous path."""
+    cfg = _cfg(f"engine.zero_stage={stage}", "engine.contiguous_gradients=false")
+    with pytest.raises(ValueError, match="engine.contiguous_gradients=false"):
+        build_ds_config(cfg, world_size=2, precision="fp32", device=CPU)
+    for world, device in ((1, CPU), (2, CUDA)):
+        build_ds_config(cfg, world_size=world, precision="fp32", device=device)
+    auto = _cfg(f"engine.zero_stage={stage}")
+    ds = build_ds_config(auto, world_size=2, precision="fp32", device=CPU)
+    assert ds["zero_optimization"]["contiguous_gradients"] is True

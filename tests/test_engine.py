@@ -165,6 +165,17 @@ def test_gpu_step_waits_only_for_the_lagged_flags(tmp_path: Path) -> None:
         assert not others and sum(ours.values()) <= s["steps"], (name, r)
 
 
+def test_zero_on_several_ranks_trains_as_data_parallel(tmp_path: Path) -> None:
+    """2 ranks, fp32: ZeRO-1 and ZeRO-2, on the gradient path `auto` picks and on the overlap
+    path, end 3 steps at ZeRO-0's weights; the plain path (no reduction on CPU in DeepSpeed
+    0.19.7) is refused by name."""
+    r = _check("dp_equal", tmp_path, nproc=2, script="rank_checks.py")
+    assert r["world"] == 2 and r["moved"] > 1e-3, r
+    assert set(r["max_abs_diff"]) == {"zero1", "zero1_overlap", "zero2", "zero2_overlap"}, r
+    assert max(r["max_abs_diff"].values()) < 1e-5, r
+    assert "engine.contiguous_gradients=false" in r["plain_refused"], r
+
+
 def test_contiguous_gradients_off_trains_the_same(tmp_path: Path) -> None:
     """One rank, ZeRO-1/2, fp32 and bf16, accumulation over 2 micro-batches: the plain
     gradient path (the one-rank default) ends 3 steps with bitwise the weights of DeepSpeed's

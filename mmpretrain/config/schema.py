@@ -274,7 +274,8 @@ class EngineConfig:
     copies its share into one contiguous partition (DeepSpeed's `contiguous_gradients`): what
     feeds a reduce-scatter and offload copies, at three copies and a few dozen Python lines per
     parameter. `auto`: on with more than one rank, `offload_optimizer` or ZeRO-3; off for one
-    rank of ZeRO-1/2, whose gradients are then flattened once for the optimizer."""
+    rank of ZeRO-1/2, whose gradients are then flattened once for the optimizer. `false` on
+    several CPU ranks is refused: DeepSpeed's plain path does not reduce CPU gradients."""
     epilogue_sync: bool = False
     """Keep DeepSpeed's device-wide synchronize at the end of every backward on the
     `overlap_comm` path (ZeRO-1/2 with contiguous gradients, no offload). By default a wait of

@@ -47,6 +47,20 @@ def contiguous_gradients(cfg: ExperimentConfig, world_size: int) -> bool:
     return world_size > 1 or eng.offload_optimizer or eng.zero_stage == 3
 
 
+def _check_cpu_reduction(stage: int, contiguous: bool, world_size: int,
+                         device: torch.device) -> None:
+    """Refuse ZeRO-1/2's plain gradient path on several CPU ranks: DeepSpeed 0.19.7 sorts the
+    gradients to reduce by `tensor.type()` against names built from the accelerator's device
+    name (`torch.cpu.FloatTensor`), which a CPU tensor never has (`torch.FloatTensor`), so
+    nothing is reduced and each rank silently trains on its own gradients (2 CPU ranks of
+    ZeRO-1: weights 6e-3 away from ZeRO-0's after 3 steps; the contiguous path matches)."""
+    if stage in (1, 2) and world_size > 1 and device.type == "cpu" and not contiguous:
+        raise ValueError(
+            f"engine.contiguous_gradients=false with ZeRO-{stage} on {world_size} CPU ranks: "
+            "DeepSpeed's plain gradient path does not reduce CPU gradients across ranks "
+            "(each rank would train on its own); use engine.contiguous_gradients=auto or true")
+
+
 def build_ds_config(cfg: ExperimentConfig, world_size: int, precision: str,
                     device: torch.device) -> dict[str, Any]:
     """Return the DeepSpeed config dict for this run (a pure function of its inputs)."""
@@ -56,6 +70,7 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int, precision: str,
         zero.update(overlap_comm=overlap_comm(cfg, world_size, device),
                     contiguous_gradients=contiguous_gradients(cfg, world_size),
                     reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7))
+        _check_cpu_reduction(eng.zero_stage, zero["contiguous_gradients"], world_size, device)
     if eng.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False,
                     stage3_param_persistence_threshold=int(1e5))
