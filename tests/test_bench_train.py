@@ -71,19 +71,24 @@ def test_tiny_cpu_run_reports_sane_numbers(tiny_run: subprocess.CompletedProcess
     assert "predicted (bench memory)" in table and "host peak RSS" in table
 
 
-def test_two_ranks_finish_with_the_memory_prediction() -> None:
-    """torchrun, 2 ranks on CPU: only rank 0 measures the memory plan, and the plan's forward
-    must not gather across ranks (its loss once waited in an all-gather that rank 1, waiting
-    in the barrier after the timed steps, never joined: the run hung)."""
+def test_two_ranks_finish_with_the_memory_prediction(tmp_path: Path) -> None:
+    """torchrun, 2 ranks on CPU, profiled: only rank 0 measures the memory plan, and the
+    plan's forward must not gather across ranks (its loss once waited in an all-gather that
+    rank 1, waiting in the barrier after the timed steps, never joined: the run hung); each
+    rank writes its own trace (both once wrote, and read back, the same file)."""
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--master_port", str(free_port()), "-m", "mmpretrain.cli", "bench", "train",
-         "--model", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1", "--json"],
+         "--model", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1", "--json",
+         "--profile", str(tmp_path)],
         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ours = json.loads(proc.stdout.strip().splitlines()[-1])["mmpretrain"]
     assert ours["world_size"] == 2 and ours["global_batch"] == 8 and ours["steps"] == 2
     assert ours["samples_per_s"] > 0 and 0 < ours["predicted_peak_gb"] < 1
+    assert ours["profile"]["trace"] == str(tmp_path / "mmpretrain.rank0.trace.json.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"mmpretrain.rank{r}.trace.json.gz" for r in (0, 1)]
 
 
 def test_profile_reports_where_the_time_goes(tiny_run: subprocess.CompletedProcess,

@@ -69,10 +69,20 @@ def summarize(prof: Any, steps: int, wall_s: float) -> dict[str, Any]:
             "families_ms_per_step": dict(sorted(fams.items(), key=lambda kv: -kv[1]))}
 
 
+def _rank_suffix() -> str:
+    """".rankN" when several ranks profile (each writes its own trace), else ""."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return f".rank{dist.get_rank()}"
+    return ""
+
+
 def profile_steps(label: str, run: Callable[[int], Any], steps: int, device: torch.device,
                   out_dir: str) -> dict[str, Any]:
     """Run `run(steps)` under the profiler; print its summary and top ops, write the trace
-    to `out_dir/LABEL.trace.json.gz`, and return the summary."""
+    to `out_dir/LABEL.trace.json.gz` (`LABEL.rankN.trace.json.gz` on several ranks), and
+    return the summary."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -91,7 +101,7 @@ def profile_steps(label: str, run: Callable[[int], Any], steps: int, device: tor
     for key in (sort, "self_cpu_time_total") if cuda else (sort,):
         print(prof.key_averages().table(sort_by=key, row_limit=ROWS, max_name_column_width=70),
               file=sys.stderr)
-    path = Path(out_dir) / f"{label}.trace.json.gz"
+    path = Path(out_dir) / f"{label}{_rank_suffix()}.trace.json.gz"
     path.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(path))
     phases = timeline(load_trace(path), steps)
