@@ -236,7 +236,8 @@ def cmd_bench_host_ab(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"mmpretrain bench host-ab: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(report) if args.json else format_host_ab(report))
+    if report["rank"] == 0:  # every rank timed the same rounds; one prints
+        print(json.dumps(report) if args.json else format_host_ab(report))
     return 0
 
 

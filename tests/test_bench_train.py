@@ -326,3 +326,25 @@ def test_host_ab_runs_variants_in_rounds() -> None:
     proc = subprocess.run([*run, "--compare", "open_clip"], cwd=REPO, env=clean_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "open-clip-torch" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_host_ab_on_two_ranks_reports_once() -> None:
+    """torchrun, 2 ranks: every rank times the same interleaved rounds (their collectives
+    match), rank 0 alone prints the report, which names the world size; OpenCLIP's
+    one-process twin is refused there by name."""
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+             "--master_port", str(free_port()), "-m", "mmpretrain.cli", "bench", "host-ab",
+             "--model", "tiny", "--rounds", "2", "--steps", "1", "--warmup", "1", *extra],
+            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=150)
+
+    proc = run("--json")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1, proc.stdout[-2000:]
+    report = json.loads(reports[0])
+    assert report["world_size"] == 2 and report["rank"] == 0
+    assert [len(p["rounds_ms"]) for p in report["participants"]] == [2]
+    refused = run("--compare", "open_clip")
+    assert refused.returncode != 0 and "run it on one rank" in refused.stderr, refused.stderr

@@ -22,6 +22,7 @@ import torch
 from mmpretrain.config.load import load_config
 from mmpretrain.engine.bench import (BenchOptions, _device_pool, _timed, bench_overrides,
                                      open_clip_problem, open_clip_step, versions)
+from mmpretrain.engine.dist import detect_env
 from mmpretrain.logging.flops import device_name
 
 
@@ -60,6 +61,10 @@ def host_ab(opts: HostAbOptions) -> dict[str, Any]:
     if opts.rounds < 1 or opts.steps < 1 or opts.warmup < 0:
         raise ValueError(f"--rounds ({opts.rounds}) and --steps ({opts.steps}) must be >= 1, "
                          f"--warmup ({opts.warmup}) >= 0")
+    world = detect_env().world_size
+    if opts.compare_open_clip and world > 1:
+        raise ValueError(f"--compare open_clip times OpenCLIP's one-process step; run it on one "
+                         f"rank (this job has {world})")
     problem = open_clip_problem() if opts.compare_open_clip else None
     if problem:
         raise ValueError(problem)
@@ -79,7 +84,8 @@ def host_ab(opts: HostAbOptions) -> dict[str, Any]:
     finally:
         for tmp in tmps:
             shutil.rmtree(tmp, ignore_errors=True)
-    return _report(opts, times, kernels, device)
+    report = _report(opts, times, kernels, device)
+    return {**report, "world_size": world, "rank": detect_env().rank}
 
 
 def _rounds(opts: HostAbOptions, device: torch.device, runs: dict[str, Callable[[int], Any]]
@@ -127,7 +133,9 @@ def _report(opts: HostAbOptions, times: dict[str, list[float]], kernels: dict[st
 
 def format_host_ab(report: dict[str, Any]) -> str:
     """The report as a table: median ms per step and the per-round ratios."""
+    ranks = report.get("world_size", 1)
     lines = [f"host twin of {report['model']}, ZeRO {report['zero']}, {report['precision']}, "
+             f"{ranks} rank{'s' if ranks > 1 else ''} (times of rank 0), "
              f"{report['rounds']} rounds of {report['steps']} steps each "
              f"({report['device']}; torch {report['versions']['torch']})",
              f"{'ms/step':>8}  {'/ first':>7}  {'/ OpenCLIP':>10}  {'kernels':>7}  participant"]
