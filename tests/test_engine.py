@@ -160,6 +160,8 @@ def test_gpu_step_waits_only_for_the_lagged_flags(tmp_path: Path) -> None:
     in our code or DeepSpeed's) is listed by the line that called it."""
     r = _check("host_syncs", tmp_path, script="gpu_checks.py")
     for name, s in r.items():
+        if name.endswith("_info"):
+            continue
         ours = {k: v for k, v in s["syncs"].items() if "stepflags.py" in k}
         others = {k: v for k, v in s["syncs"].items() if k not in ours}
         assert not others and sum(ours.values()) <= s["steps"], (name, r)
