@@ -215,3 +215,24 @@ def test_patch_embed_matmul_equals_the_convolution(patch, size, bias):
     (dw_ref,) = torch.autograd.grad(ref, embed.weight, grad)
     torch.testing.assert_close(dw, dw_ref, rtol=1e-10, atol=1e-10)
     assert list(embed.state_dict()) == (["weight", "bias"] if bias else ["weight"])
+
+
+def test_task_normalizes_with_fp32_stats_copied_once_per_device() -> None:
+    """The task's mean/std reach a device once (a copy from pageable memory would wait for the
+    GPU in every forward), stay fp32 under a bf16 model, and normalize as (x - mean) / std."""
+    from mmpretrain.config.load import load_config
+    from mmpretrain.model.task import build_task
+
+    cfg = load_config(None, ["model.size=tiny"])
+    task = build_task(cfg, build_model(cfg.model)).to(torch.bfloat16)
+    cpu = torch.device("cpu")
+    mean, std = task.stats(cpu)
+    again = task.stats(cpu)
+    assert again[0] is mean and again[1] is std  # cached, not copied again
+    assert mean.dtype == std.dtype == torch.float32 and mean.shape == (1, 3, 1, 1)
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    want = (images.float() - torch.tensor(cfg.data.mean).view(1, 3, 1, 1) * 255) / (
+        torch.tensor(cfg.data.std).view(1, 3, 1, 1) * 255)
+    out = task.normalize(images)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want.to(torch.bfloat16).float())

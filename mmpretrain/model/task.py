@@ -42,15 +42,25 @@ class ContrastiveTask(nn.Module):
         self.caption_loss = caption_loss
         self.contrastive_weight = contrastive_weight
         self.caption_weight = caption_weight
-        # Plain tensors, not buffers: they are constants, not checkpoint state.
+        # Plain fp32 tensors, not buffers: constants, not checkpoint state, and out of reach of
+        # DeepSpeed's bf16 cast of the module's buffers.
         self._mean = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(std).view(1, 3, 1, 1) * 255.0
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) * 255 as fp32 (1, 3, 1, 1) on `device`, copied there once: a copy from
+        pageable host memory waits for the device (`cudaStreamSynchronize`), which in every
+        forward would stop the host from queueing work ahead of the GPU."""
+        if device not in self._on_device:
+            self._on_device[device] = (self._mean.to(device, torch.float32),
+                                       self._std.to(device, torch.float32))
+        return self._on_device[device]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> normalized float in the model's parameter dtype."""
         dtype = next(self.model.parameters()).dtype
-        mean = self._mean.to(images.device, torch.float32)
-        std = self._std.to(images.device, torch.float32)
+        mean, std = self.stats(images.device)
         return ((images.float() - mean) / std).to(dtype)  # (B, 3, H, W)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, *, features_only: bool = False,
