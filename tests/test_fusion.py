@@ -90,8 +90,14 @@ def test_caption_loss_matches_naive_loop_over_unpadded_rows() -> None:
 
 
 def test_caption_loss_rejects_all_padding() -> None:
+    """All-padding targets are an error, checked on host tokens only: on a GPU the answer
+    would make the host wait, so the trainer checks each batch before copying it (a device
+    tensor, here on the meta device, is never read)."""
     with pytest.raises(ValueError, match="padding"):
         CaptionLoss()(torch.randn(2, 4, 10), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="padding"):
+        CaptionLoss().check(torch.zeros(2, 4, dtype=torch.long))
+    CaptionLoss().check(torch.zeros(2, 4, dtype=torch.long, device="meta"))
 
 
 @pytest.mark.parametrize("pool", [0, 5], ids=["all-tokens", "pooler"])

@@ -197,6 +197,8 @@ class Trainer:
 
     # ---- the step ------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.task.caption_loss is not None:  # on the host: on the device it would wait
+            self.task.caption_loss.check(batch["tokens"])
         nb = self.device.type == "cuda"
         return (batch["image"].to(self.device, non_blocking=nb),
                 batch["tokens"].to(self.device, non_blocking=nb))
