@@ -33,14 +33,15 @@ def _where(w: warnings.WarningMessage) -> str:
 def check_host_syncs(out: str) -> dict:
     """The real Trainer on one GPU (tiny model, bf16): after 3 warm-up steps, the synchronizing
     operations (`torch.cuda.set_sync_debug_mode`) of 4 more steps without logging, by the line
-    that called them, for ZeRO-1, ZeRO-2 on the overlap path, ZeRO-1 compiled and (listed
-    only) ZeRO-3. By design
+    that called them, for ZeRO-1, ZeRO-2 on the overlap path, ZeRO-1 compiled, CoCa (the
+    captioning loss) and (listed only) ZeRO-3. By design
     the step's only wait is the lagged read of the previous step's flags
     (`engine/stepflags.py`): one per step, while the GPU still has this step queued."""
     runs = {"zero1": ["engine.zero_stage=1"],
             "zero2_overlap": ["engine.zero_stage=2", "engine.overlap_comm=true",
                               "engine.contiguous_gradients=true"],
             "zero1_compiled": ["engine.zero_stage=1", "engine.compile=true"],
+            "coca_zero1": ["engine.zero_stage=1", "model.size=coca_tiny"],
             # for the record, not held to the rule: ZeRO-3 gathers and releases parameters
             # on its own streams and waits on them
             "zero3_info": ["engine.zero_stage=3"]}

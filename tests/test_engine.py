@@ -154,7 +154,7 @@ def test_gpu_stream_ordered_epilogue_trains_as_deepspeeds(tmp_path: Path, stage:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_step_waits_only_for_the_lagged_flags(tmp_path: Path) -> None:
-    """One GPU, bf16, ZeRO-1 (eager and compiled) and ZeRO-2 on the overlap path: in 4 steps
+    """One GPU, bf16, ZeRO-1 (eager, compiled, CoCa) and ZeRO-2 on the overlap path: in 4 steps
     without logging, the only operation that makes the host wait for the device is the read of
     the previous step's flags (`engine/stepflags.py`), once a step. Anything else (an `.item()`
     in our code or DeepSpeed's) is listed by the line that called it."""
