@@ -313,6 +313,17 @@ def _streams_like_cuda(acc: Any) -> Iterator[None]:
         yield
 
 
+def _sync_counter(acc: Any) -> tuple[list[int], Any]:
+    """([n], a replacement for the accelerator's `synchronize` that counts into n)."""
+    sync, count = type(acc).synchronize, [0]
+
+    def counting(self, device_index=None):
+        count[0] += 1
+        return sync(self, device_index)
+
+    return count, counting
+
+
 def check_syncs(out: str) -> dict:
     """Device-wide synchronizes per training step of the real engine on 1 rank in bf16, with
     our DeepSpeed config and with the one we had before 2026-12-01 (DeepSpeed's throughput
@@ -322,12 +333,8 @@ def check_syncs(out: str) -> dict:
     import mmpretrain.engine.trainer as trainer_mod
     from deepspeed.accelerator import get_accelerator
 
-    acc, count = get_accelerator(), [0]
-    sync, build_ours = type(acc).synchronize, trainer_mod.build_ds_config
-
-    def counting(self, device_index=None):
-        count[0] += 1
-        return sync(self, device_index)
+    acc, build_ours = get_accelerator(), trainer_mod.build_ds_config
+    count, counting = _sync_counter(acc)
 
     def before(*args, **kwargs) -> dict:
         ds = build_ours(*args, **kwargs)
@@ -362,12 +369,8 @@ def check_epilogue(out: str) -> dict:
 
     from mmpretrain.engine.zero_epilogue import _stream_ordered_epilogue
 
-    acc, count = get_accelerator(), [0]
-    sync = type(acc).synchronize
-
-    def counting(self, device_index=None):
-        count[0] += 1
-        return sync(self, device_index)
+    acc = get_accelerator()
+    count, counting = _sync_counter(acc)
 
     result = {}
     for stage in (1, 2):

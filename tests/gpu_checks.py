@@ -61,7 +61,8 @@ def check_host_syncs(out: str) -> dict:
         lines: dict[str, int] = {}
         for w in caught:
             if SYNC_WARNING in str(w.message):
-                lines[_where(w)] = lines.get(_where(w), 0) + 1
+                where = _where(w)
+                lines[where] = lines.get(where, 0) + 1
         result[name] = {"steps": 4, "syncs": lines}
     return result
 

@@ -61,7 +61,8 @@ def host_ab(opts: HostAbOptions) -> dict[str, Any]:
     if opts.rounds < 1 or opts.steps < 1 or opts.warmup < 0:
         raise ValueError(f"--rounds ({opts.rounds}) and --steps ({opts.steps}) must be >= 1, "
                          f"--warmup ({opts.warmup}) >= 0")
-    world = detect_env().world_size
+    env = detect_env()
+    world = env.world_size
     if opts.compare_open_clip and world > 1:
         raise ValueError(f"--compare open_clip times OpenCLIP's one-process step; run it on one "
                          f"rank (this job has {world})")
@@ -85,7 +86,7 @@ def host_ab(opts: HostAbOptions) -> dict[str, Any]:
         for tmp in tmps:
             shutil.rmtree(tmp, ignore_errors=True)
     report = _report(opts, times, kernels, device)
-    return {**report, "world_size": world, "rank": detect_env().rank}
+    return {**report, "world_size": world, "rank": env.rank}
 
 
 def _rounds(opts: HostAbOptions, device: torch.device, runs: dict[str, Callable[[int], Any]]
