@@ -15,6 +15,7 @@
 #                                         # bench loss (fp32, TF32)
 #   bash tests/gpu_session.sh memory      # ViT-g/14 .. ViT-e/14, ZeRO-3 (+ offload), capped at 80 GB
 #   bash tests/gpu_session.sh shards      # ViT-B/16 from real JPEG shards (8 workers) vs synthetic
+#   bash tests/gpu_session.sh copies      # real shards, batch copies on a side stream or not
 #   bash tests/gpu_session.sh quick       # what matters most, in one call of <= 9 minutes
 #                                         # (a 15-minute device budget): see quick() below
 #   bash tests/gpu_session.sh rest        # the GPU tests quick leaves out, on a warm machine
@@ -296,6 +297,26 @@ shards() {
   tail -c 2000 "$OUT/shards.jsonl"
 }
 
+# Real shards with the batch copies on a side stream (the default) and on the compute stream
+# (engine.copy_stream=false, before 2026-12-02), interleaved: the copy of ViT-B/16's 38.5 MB
+# of images per step either hides behind the previous step or adds to it.
+copies() {
+  local dir=/tmp/mmpretrain-bench-shards
+  $py -c "from mmpretrain.data.bench import make_bench_shards as m; print(m('$dir')['pattern'])" \
+    > "$OUT/shards_pattern.txt" 2>> "$OUT/copies.log"
+  local pattern; pattern=$(tail -n 1 "$OUT/shards_pattern.txt")
+  : > "$OUT/copies.jsonl"
+  for side in true false true false; do
+    timeout -k 10 130 $py -m mmpretrain.cli bench train --model vit_b16 --batch 256 --zero 1 \
+      --steps 30 --warmup 8 --workers 8 --data "$pattern" --json engine.compile=true \
+      "engine.copy_stream=$side" > "$OUT/copies.out" 2>> "$OUT/copies.log"
+    echo "bench train vit_b16 shards copy_stream=$side rc=$?"
+    tail -n 1 "$OUT/copies.out" >> "$OUT/copies.jsonl"
+  done
+  grep -o '"overrides": [^]]*]\|"samples_per_s": [0-9.]*\|"data_wait_frac": [0-9.e-]*' \
+    "$OUT/copies.jsonl"
+}
+
 case "$stage" in
   check) check ;;
   attention) attention ;;
@@ -305,6 +326,7 @@ case "$stage" in
   memory) memory ;;
   quick) quick ;;
   shards) shards ;;
+  copies) copies ;;
   rest) rest ;;
   profile) profile ;;
   syncs) syncs ;;

@@ -281,6 +281,10 @@ class EngineConfig:
     `overlap_comm` path (ZeRO-1/2 with contiguous gradients, no offload). By default a wait of
     the compute stream on the reduction stream orders the same data on the device while the
     host runs ahead (`engine/zero_epilogue.py`); `true` restores DeepSpeed's behaviour."""
+    copy_stream: bool = True
+    """Copy each batch to the GPU on a stream of its own, so that the copy overlaps the
+    previous step's compute; on the compute stream it would run between two steps and add to
+    each (`engine/copies.py`). No effect on CPU."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: `auto` is nccl on CUDA and gloo on CPU."""
     compile: bool = False

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from mmpretrain.checkpoint.manager import CheckpointManager
 from mmpretrain.config.load import config_hash, to_dict, to_yaml
 from mmpretrain.config.schema import ExperimentConfig
+from mmpretrain.engine.copies import batch_copier
 from mmpretrain.engine.dist import detect_env, init_distributed
 from mmpretrain.engine.ds_config import build_ds_config, resolve_precision
 from mmpretrain.engine.errors import NonFiniteTrainingError
@@ -117,6 +118,7 @@ class Trainer:
         self.train_flops = train_flops_per_sample(cfg.model)  # model FLOPs of one sample
         self.peak_tflops = peak_tflops(self.device)  # None: unknown, no `mfu` logged
         self._flags = LaggedFlags(self.device, self.world)
+        self._copy = batch_copier(self.device, cfg.engine.copy_stream)  # host -> device
 
     def _build_model(self, ds_cfg: dict) -> torch.nn.Module:
         """Build the model; under ZeRO-3 inside `zero.Init`, so no rank ever holds all weights
@@ -199,9 +201,8 @@ class Trainer:
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if self.task.caption_loss is not None:  # on the host: on the device it would wait
             self.task.caption_loss.check(batch["tokens"])
-        nb = self.device.type == "cuda"
-        return (batch["image"].to(self.device, non_blocking=nb),
-                batch["tokens"].to(self.device, non_blocking=nb))
+        images, tokens = self._copy([batch["image"], batch["tokens"]])
+        return images, tokens
 
     def train_step(self, micro_batches: list[dict],
                    want_grad_norm: bool = False) -> dict[str, torch.Tensor]:
