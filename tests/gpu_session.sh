@@ -20,7 +20,8 @@
 #                                         # (a 15-minute device budget): see quick() below
 #   bash tests/gpu_session.sh rest        # the GPU tests quick leaves out, on a warm machine
 #   bash tests/gpu_session.sh profile     # where ViT-B/16's step time goes, ours vs OpenCLIP
-#   bash tests/gpu_session.sh syncs       # host waits inside a step; the overlap path's epilogue
+#   bash tests/gpu_session.sh syncs       # host waits inside a step; the overlap path's epilogue;
+#                                         # the lagged flag read; batch copies on a side stream
 #   bash tests/gpu_session.sh compare     # ViT-B/16 and B/32 vs compiled OpenCLIP, <= 5 minutes
 #   bash tests/gpu_session.sh autotune    # ViT-B/16 with compile_mode=max-autotune (AUTOTUNE_LIMIT s)
 #   bash tests/gpu_session.sh float8      # engine.float8 (torchao): B/16 two recipes, B/32, L/14
@@ -224,18 +225,21 @@ profile() {
   grep -E "^==|samples/s|ratio|step time|x  " "$log"
 }
 
-# What makes the host wait inside a step (torch.cuda.set_sync_debug_mode, by calling line), and
-# the overlap path's stream-ordered epilogue against DeepSpeed's synchronizing one: the gpu
-# tests of tests/test_engine.py, at most ~4.5 minutes on a warm machine.
+# What makes the host wait inside a step (torch.cuda.set_sync_debug_mode, by calling line); the
+# overlap path's stream-ordered epilogue against DeepSpeed's synchronizing one; the flag read
+# that leaves the next step queued and the batch copies on their own stream: gpu tests, at
+# most ~6 minutes on a warm machine.
 syncs() {
   # the lines behind each host wait, ZeRO-3's too (the gpu test holds all but ZeRO-3 to the
-  # rule; it runs the same check, so only the epilogue's gpu test is left for pytest)
+  # rule; it runs the same check, so pytest leaves it out)
   timeout -k 10 150 $py tests/gpu_checks.py host_syncs "$OUT/host_syncs" \
     > "$OUT/syncs.log" 2>&1
   echo "host_syncs rc=$?" | tee -a "$OUT/syncs.log"; grep '^RESULT' "$OUT/syncs.log"
-  timeout -k 10 "${SYNCS_LIMIT:-120}" $py -m pytest -q -m gpu -p no:cacheprovider \
-    tests/test_engine.py -k stream_ordered_epilogue >> "$OUT/syncs.log" 2>&1
-  echo "gpu tests (epilogue) rc=$?" | tee -a "$OUT/syncs.log"; tail -n 20 "$OUT/syncs.log"
+  timeout -k 10 "${SYNCS_LIMIT:-200}" $py -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_engine.py tests/test_engine_units.py tests/test_copies.py \
+    -k "stream_ordered_epilogue or next_step_queued or copy or copies" >> "$OUT/syncs.log" 2>&1
+  echo "gpu tests (epilogue, flags, copies) rc=$?" | tee -a "$OUT/syncs.log"
+  tail -n 20 "$OUT/syncs.log"
 }
 
 # Ours against compiled OpenCLIP in one short call (<= 5 minutes): ViT-B/16 compiled (SDPA,

@@ -106,6 +106,23 @@ def test_trainer_copies_each_batch_through_its_copier(logged) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_copy_runs_while_the_previous_step_computes() -> None:
+    """With the compute stream busy (a ~0.5 s spin: the previous step), the side stream's
+    copies finish while it still runs; on the compute stream they would wait for the spin."""
+    cuda = torch.device("cuda")
+    copier = batch_copier(cuda, side_stream=True)
+    batch = [t.pin_memory() for t in _batch()]
+    torch.cuda._sleep(1_000_000_000)  # the previous step's work: ~0.5 s at 2 GHz
+    out = copier(batch)
+    copier.stream.synchronize()  # the copies have arrived ...
+    compute_busy = not torch.cuda.current_stream().query()  # ... while the spin still runs
+    torch.cuda.synchronize()
+    assert compute_busy
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(out, batch))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_side_stream_copies_train_as_the_compute_stream_does(tmp_path: Path) -> None:
     """One GPU, bf16, ZeRO-1, batches made on the host each step (the synthetic source): 20
     steps with the copies on the side stream give the losses of copies on the compute stream.

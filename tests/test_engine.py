@@ -153,18 +153,18 @@ def test_gpu_stream_ordered_epilogue_trains_as_deepspeeds(tmp_path: Path, stage:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_step_waits_only_for_the_lagged_flags(tmp_path: Path) -> None:
+def test_gpu_step_never_drains_the_stream(tmp_path: Path) -> None:
     """One GPU, bf16, ZeRO-1 (eager, compiled, CoCa) and ZeRO-2 on the overlap path: in 4 steps
-    without logging, the only operation that makes the host wait for the device is the read of
-    the previous step's flags (`engine/stepflags.py`), once a step. Anything else (an `.item()`
-    in our code or DeepSpeed's) is listed by the line that called it."""
+    without logging nothing synchronizes a stream (`torch.cuda.set_sync_debug_mode`): no
+    `.item()`, `.tolist()` or blocking copy in our code or DeepSpeed's, each listed by the line
+    that called it. The previous step's flags are read through an event recorded behind them
+    (`engine/stepflags.py`), which waits for that step only and is not such a synchronize;
+    until 2026-12-02 their `.tolist()` drained the stream once a step."""
     r = _check("host_syncs", tmp_path, script="gpu_checks.py")
     for name, s in r.items():
         if name.endswith("_info"):
             continue
-        ours = {k: v for k, v in s["syncs"].items() if "stepflags.py" in k}
-        others = {k: v for k, v in s["syncs"].items() if k not in ours}
-        assert not others and sum(ours.values()) <= s["steps"], (name, r)
+        assert not s["syncs"], (name, r)
 
 
 def test_zero_on_several_ranks_trains_as_data_parallel(tmp_path: Path) -> None:

@@ -164,6 +164,22 @@ def test_lagged_flags_read_one_step_late() -> None:
     assert flags.drain() == []
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_reading_a_steps_flags_leaves_the_next_step_queued() -> None:
+    """Reading step 1's flags after step 2 is queued waits for step 1 only: step 2's work
+    (here a ~0.5 s spin of the GPU) is still running when `push` returns. A plain `.tolist()`
+    of the device tensor would wait for the spin too, leaving the GPU's queue empty."""
+    cuda = torch.device("cuda")
+    flags = LaggedFlags(cuda, world=1)
+    assert flags.push(1, torch.ones((), device=cuda), stop=False) == []
+    torch.cuda._sleep(1_000_000_000)  # step 2's work: ~0.5 s at 2 GHz
+    assert flags.push(2, torch.zeros((), device=cuda), stop=True) == [StepFlags(1, True, False)]
+    still_queued = not torch.cuda.current_stream().query()
+    assert flags.drain() == [StepFlags(2, False, True)]  # now it waits for step 2
+    assert still_queued
+
+
 # ---- learning-rate schedule --------------------------------------------------------------------
 def test_warmup_is_linear_to_one() -> None:
     cfg = OptimConfig(steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
