@@ -34,7 +34,7 @@ def check_host_syncs(out: str) -> dict:
     """The real Trainer on one GPU (tiny model, bf16): after 3 warm-up steps, the synchronizing
     operations (`torch.cuda.set_sync_debug_mode`) of 4 more steps without logging, by the line
     that called them, for ZeRO-1, ZeRO-2 on the overlap path, ZeRO-1 compiled, CoCa (the
-    captioning loss) and (listed only) ZeRO-3. By design there are none: the previous step's
+    captioning loss) and (listed only) ZeRO-3 and ZeRO-0. By design there are none: the previous step's
     flags are read through an event recorded behind them (`engine/stepflags.py`), which waits
     for that step only while the GPU still has this step queued, and is not counted here."""
     runs = {"zero1": ["engine.zero_stage=1"],
@@ -43,8 +43,10 @@ def check_host_syncs(out: str) -> dict:
             "zero1_compiled": ["engine.zero_stage=1", "engine.compile=true"],
             "coca_zero1": ["engine.zero_stage=1", "model.size=coca_tiny"],
             # for the record, not held to the rule: ZeRO-3 gathers and releases parameters
-            # on its own streams and waits on them
-            "zero3_info": ["engine.zero_stage=3"]}
+            # on its own streams and waits on them; ZeRO-0 in bf16 runs DeepSpeed's
+            # BF16_Optimizer, whose step asserts on the gradient norm (a device tensor)
+            "zero3_info": ["engine.zero_stage=3"],
+            "zero0_info": ["engine.zero_stage=0"]}
     result = {}
     for name, overrides in runs.items():
         t = _trainer(out, f"syncs_{name}", "engine.device=cuda", "engine.precision=bf16",

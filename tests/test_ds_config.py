@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmpretrain.config.load import ConfigError, load_config
-from mmpretrain.engine.ds_config import build_ds_config
+from mmpretrain.engine.ds_config import build_ds_config, slow_path_warning
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # constructing a cuda device needs no GPU
 
@@ -153,3 +153,17 @@ def test_ds_config_refuses_unreduced_cpu_gradients(stage: int) -> None:
     auto = _cfg(f"engine.zero_stage={stage}")
     ds = build_ds_config(auto, world_size=2, precision="fp32", device=CPU)
     assert ds["zero_optimization"]["contiguous_gradients"] is True
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("device", [CPU, CUDA], ids=["cpu", "cuda"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_slow_path_warning_only_for_zero0_bf16_on_gpu(stage: int, device: torch.device,
+                                                       precision: str) -> None:
+    """DeepSpeed's BF16_Optimizer (ZeRO-0 in bf16) waits for the GPU every step: warned, with
+    the key to change; no other combination is."""
+    warning = slow_path_warning(_cfg(f"engine.zero_stage={stage}"), precision, device)
+    if (stage, device.type, precision) == (0, "cuda", "bf16"):
+        assert "engine.zero_stage=1" in warning and "BF16_Optimizer" in warning
+    else:
+        assert warning == ""

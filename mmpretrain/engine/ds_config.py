@@ -61,6 +61,19 @@ def _check_cpu_reduction(stage: int, contiguous: bool, world_size: int,
             "(each rank would train on its own); use engine.contiguous_gradients=auto or true")
 
 
+def slow_path_warning(cfg: ExperimentConfig, precision: str, device: torch.device) -> str:
+    """A warning for a configuration DeepSpeed runs on a slow GPU path ('' when none).
+
+    ZeRO-0 in bf16 goes through DeepSpeed's `BF16_Optimizer`, whose step takes the gradient
+    norm one parameter at a time (~4 kernels each) and asserts on the norm, a device tensor:
+    the host waits for the GPU every step. ZeRO-1 on the same ranks does neither."""
+    if device.type == "cuda" and precision == "bf16" and cfg.engine.zero_stage == 0:
+        return ("engine.zero_stage=0 in bf16 runs DeepSpeed's BF16_Optimizer, which waits for "
+                "the GPU every step (an assert on the gradient norm) and takes that norm one "
+                "parameter at a time; engine.zero_stage=1 avoids both")
+    return ""
+
+
 def build_ds_config(cfg: ExperimentConfig, world_size: int, precision: str,
                     device: torch.device) -> dict[str, Any]:
     """Return the DeepSpeed config dict for this run (a pure function of its inputs)."""

@@ -17,7 +17,8 @@ from mmpretrain.config.load import config_hash, to_dict, to_yaml
 from mmpretrain.config.schema import ExperimentConfig
 from mmpretrain.engine.copies import batch_copier
 from mmpretrain.engine.dist import detect_env, init_distributed
-from mmpretrain.engine.ds_config import build_ds_config, resolve_precision
+from mmpretrain.engine.ds_config import (build_ds_config, resolve_precision,
+                                         slow_path_warning)
 from mmpretrain.engine.errors import NonFiniteTrainingError
 from mmpretrain.engine.memory import loss_memory_warning
 from mmpretrain.engine.optim import build_optimizer, build_scheduler, param_group_names
@@ -112,9 +113,10 @@ class Trainer:
         self.stream = build_train_stream(cfg, self.tokenizer, self.rank, self.world)
         self.jsonl = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
         self.global_batch = cfg.data.batch_size * cfg.engine.grad_accum * self.world
-        loss_warning = loss_memory_warning(cfg, self.world)
-        if loss_warning and self.rank == 0:
-            log.warning(loss_warning)
+        for warning in (loss_memory_warning(cfg, self.world),
+                        slow_path_warning(cfg, self.precision, self.device)):
+            if warning and self.rank == 0:
+                log.warning(warning)
         self.train_flops = train_flops_per_sample(cfg.model)  # model FLOPs of one sample
         self.peak_tflops = peak_tflops(self.device)  # None: unknown, no `mfu` logged
         self._flags = LaggedFlags(self.device, self.world)
