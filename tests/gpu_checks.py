@@ -34,9 +34,10 @@ def check_host_syncs(out: str) -> dict:
     """The real Trainer on one GPU (tiny model, bf16): after 3 warm-up steps, the synchronizing
     operations (`torch.cuda.set_sync_debug_mode`) of 4 more steps without logging, by the line
     that called them, for ZeRO-1, ZeRO-2 on the overlap path, ZeRO-1 compiled, CoCa (the
-    captioning loss) and (listed only) ZeRO-3 and ZeRO-0. By design there are none: the previous step's
-    flags are read through an event recorded behind them (`engine/stepflags.py`), which waits
-    for that step only while the GPU still has this step queued, and is not counted here."""
+    captioning loss) and (listed only) ZeRO-3 and ZeRO-0. By design there are none: the
+    previous step's flags are read through an event recorded behind them
+    (`engine/stepflags.py`), which waits for that step only while the GPU still has this step
+    queued, and is not counted here."""
     runs = {"zero1": ["engine.zero_stage=1"],
             "zero2_overlap": ["engine.zero_stage=2", "engine.overlap_comm=true",
                               "engine.contiguous_gradients=true"],
