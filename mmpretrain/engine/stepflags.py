@@ -77,7 +77,7 @@ def _on_host(flags: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None
     tensor is its own host copy (event None)."""
     if flags.device.type != "cuda":
         return flags, None
-    host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)  # (2,)
+    host = torch.empty(flags.shape, dtype=flags.dtype, device="cpu", pin_memory=True)  # (2,)
     host.copy_(flags, non_blocking=True)
     copied = torch.cuda.Event()
     copied.record()
