@@ -285,11 +285,16 @@ rest() {
 }
 
 # ViT-B/16 fed from real JPEG shards (8 workers) next to synthetic data: the issue allows 5%.
+# bench_shards LOG: write (once) the photo-like JPEG shards of `bench data` and print their
+# brace pattern
+bench_shards() {
+  $py -c "from mmpretrain.data.bench import make_bench_shards as m
+print(m('/tmp/mmpretrain-bench-shards')['pattern'])" 2>> "$1" | tail -n 1
+}
+
 shards() {
-  local dir=/tmp/mmpretrain-bench-shards
-  $py -c "from mmpretrain.data.bench import make_bench_shards as m; print(m('$dir')['pattern'])" \
-    > "$OUT/shards_pattern.txt" 2>> "$OUT/shards.log"
-  local pattern; pattern=$(tail -n 1 "$OUT/shards_pattern.txt")
+  local pattern; pattern=$(bench_shards "$OUT/shards.log")
+  echo "$pattern" > "$OUT/shards_pattern.txt"
   : > "$OUT/shards.jsonl"
   for data in synthetic "$pattern"; do
     timeout -k 10 240 $py -m mmpretrain.cli bench train --model vit_b16 --batch 256 --zero 1 \
@@ -305,10 +310,7 @@ shards() {
 # (engine.copy_stream=false, before 2026-12-02), interleaved: the copy of ViT-B/16's 38.5 MB
 # of images per step either hides behind the previous step or adds to it.
 copies() {
-  local dir=/tmp/mmpretrain-bench-shards
-  $py -c "from mmpretrain.data.bench import make_bench_shards as m; print(m('$dir')['pattern'])" \
-    > "$OUT/shards_pattern.txt" 2>> "$OUT/copies.log"
-  local pattern; pattern=$(tail -n 1 "$OUT/shards_pattern.txt")
+  local pattern; pattern=$(bench_shards "$OUT/copies.log")
   : > "$OUT/copies.jsonl"
   local limit=190  # the first run compiles; the others find Inductor's cache warm
   for side in true false true; do

@@ -53,3 +53,21 @@ def run_train(overrides: list[str], config: str = "experiments/tiny_synthetic.ya
 def losses(run_dir: Path) -> dict[int, float]:
     """{step: loss} from a run's metrics.jsonl."""
     return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def gpu_losses_agree(tmp_path: Path, a: list[str], b: list[str], steps: int = 20,
+                     rel: float = 1e-3) -> None:
+    """Train the tiny model on one GPU in bf16 (the plain attention, a loss logged every
+    step) with overrides `a`, then `b`; assert both log every step and the losses agree
+    within `rel` (relative, absolute below 1)."""
+    traces = []
+    for i, extra in enumerate((a, b)):
+        run_train([f"output_dir={tmp_path}", f"name=run{i}", f"optim.steps={steps}",
+                   "engine.device=cuda", "engine.precision=bf16", "model.attention=reference",
+                   "checkpoint.every=0", "logging.log_every=1", "logging.wandb_mode=disabled",
+                   *extra])
+        traces.append(losses(tmp_path / f"run{i}"))
+    first, second = traces
+    assert sorted(first) == sorted(second) and len(first) == steps, traces
+    for step, loss in second.items():
+        assert abs(first[step] - loss) <= rel * max(1.0, abs(loss)), (step, traces)
