@@ -237,7 +237,7 @@ syncs() {
   echo "host_syncs rc=$?" | tee -a "$OUT/syncs.log"; grep '^RESULT' "$OUT/syncs.log"
   timeout -k 10 "${SYNCS_LIMIT:-200}" $py -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_engine.py tests/test_engine_units.py tests/test_copies.py \
-    -k "stream_ordered_epilogue or next_step_queued or copy" >> "$OUT/syncs.log" 2>&1
+    -k "stream_ordered_epilogue or next_step_queued or copy or copies" >> "$OUT/syncs.log" 2>&1
   echo "gpu tests (epilogue, flags, copies) rc=$?" | tee -a "$OUT/syncs.log"
   tail -n 20 "$OUT/syncs.log"
 }
