@@ -152,14 +152,22 @@ def _param_snapshots(trainer) -> list[dict[str, torch.Tensor]]:
     return snaps
 
 
+def _logged_skips(t) -> list[list[int]]:
+    """[step, skipped_steps] of each training line in the run's metrics.jsonl."""
+    from mmpretrain.logging.metrics import read_jsonl
+
+    return [[r["step"], r["skipped_steps"]] for r in read_jsonl(t.run_dir / "metrics.jsonl")
+            if "loss" in r]
+
+
 def check_nonfinite(out: str) -> dict:
     from mmpretrain.engine.errors import NonFiniteTrainingError
 
     result = {}
     for stage, precision in ((0, "fp32"), (2, "fp32"), (1, "bf16"), (0, "bf16")):
-        common = [f"engine.zero_stage={stage}", "optim.steps=6", "optim.max_skipped_steps=2",
+        common = [f"engine.zero_stage={stage}", "optim.steps=7", "optim.max_skipped_steps=2",
                   "checkpoint.every=0", "data.batch_size=8", "optim.warmup_steps=1",
-                  f"engine.precision={precision}"]
+                  "logging.log_every=1", f"engine.precision={precision}"]
         stage = f"{stage}_{precision}"
         t = _trainer(out, f"one_nan_{stage}", *common)
         _nan_from(t, lambda n: n == 3)
@@ -168,6 +176,7 @@ def check_nonfinite(out: str) -> dict:
         same = all(torch.equal(snaps[1][k], snaps[2][k]) for k in snaps[1])
         moved = any(not torch.equal(snaps[2][k], snaps[3][k]) for k in snaps[2])
         finite = all(torch.isfinite(v).all() for v in snaps[-1].values())
+        logged = {"one_nan": _logged_skips(t)}
         t = _trainer(out, f"all_nan_{stage}", *common)
         _nan_from(t, lambda n: n >= 3)
         try:
@@ -175,10 +184,12 @@ def check_nonfinite(out: str) -> dict:
             stopped = None
         except NonFiniteTrainingError as e:
             stopped = str(e)
+        logged["all_nan"] = _logged_skips(t)
         result[stage] = {"ds_overflow_check": getattr(t.optimizer, "check_grad_overflow", None),
                          "skipped": summary["skipped_steps"], "unchanged_on_skip": same,
                          "moved_after": moved, "finite": finite, "stopped": stopped,
-                         "checkpoint": t.ckpt.has_step(t.step), "stop_step": t.step}
+                         "checkpoint": t.ckpt.has_step(t.step), "stop_step": t.step,
+                         "logged": logged}
     return result
 
 

@@ -226,9 +226,9 @@ profile() {
 }
 
 # What makes the host wait inside a step (torch.cuda.set_sync_debug_mode, by calling line); the
-# overlap path's stream-ordered epilogue against DeepSpeed's synchronizing one; the flag read
-# that leaves the next step queued and the batch copies on their own stream: gpu tests, at
-# most ~6 minutes on a warm machine.
+# overlap path's stream-ordered epilogue against DeepSpeed's synchronizing one; the flag and
+# log-line reads that leave the next step queued and the batch copies on their own stream:
+# gpu tests, at most ~6 minutes on a warm machine.
 syncs() {
   # the lines behind each host wait, ZeRO-3's and ZeRO-0's too (the gpu test holds all but
   # those two `_info` runs to the rule; it runs the same check, so pytest leaves it out)
@@ -236,9 +236,9 @@ syncs() {
     > "$OUT/syncs.log" 2>&1
   echo "host_syncs rc=$?" | tee -a "$OUT/syncs.log"; grep '^RESULT' "$OUT/syncs.log"
   timeout -k 10 "${SYNCS_LIMIT:-200}" $py -m pytest -q -m gpu -p no:cacheprovider \
-    tests/test_engine.py tests/test_engine_units.py tests/test_copies.py \
+    tests/test_engine.py tests/test_engine_units.py tests/test_copies.py tests/test_steplog.py \
     -k "stream_ordered_epilogue or next_step_queued or copy or copies" >> "$OUT/syncs.log" 2>&1
-  echo "gpu tests (epilogue, flags, copies) rc=$?" | tee -a "$OUT/syncs.log"
+  echo "gpu tests (epilogue, flags, log lines, copies) rc=$?" | tee -a "$OUT/syncs.log"
   tail -n 20 "$OUT/syncs.log"
 }
 

@@ -1,6 +1,7 @@
 """Run `mmpretrain train` in subprocesses (plain or under torchrun) for end-to-end tests."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -48,6 +49,21 @@ def run_train(overrides: list[str], config: str = "experiments/tiny_synthetic.ya
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+def run_check(name: str, out: Path, *args: str, nproc: int = 1,
+              script: str = "engine_checks.py") -> dict:
+    """Run check `name` of a `tests/*_checks.py` script in a fresh process (under torchrun when
+    `nproc` > 1) and return the JSON it prints on its `RESULT` line."""
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_port", str(free_port())]
+    proc = subprocess.run([*launcher, str(REPO / "tests" / script), name,
+                           str(out), *args], cwd=REPO, env=clean_env(), capture_output=True,
+                          text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -1,28 +1,14 @@
 """Engine behaviour that needs a real DeepSpeed engine (each check in a fresh process)."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import REPO, clean_env, free_port, gpu_losses_agree, run_train
+from helpers import gpu_losses_agree, run_check, run_train
 
-
-def _check(name: str, out: Path, *args: str, nproc: int = 1,
-           script: str = "engine_checks.py") -> dict:
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_port", str(free_port())]
-    proc = subprocess.run([*launcher, str(REPO / "tests" / script), name,
-                           str(out), *args], cwd=REPO, env=clean_env(), capture_output=True,
-                          text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+_check = run_check
 
 
 def test_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
@@ -64,9 +50,14 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path: Path) -> None:
         assert s["finite"], s
         assert s["stopped"] and "optim.max_skipped_steps=2" in s["stopped"], s
         # NaN from step 3: the third skip in a row (step 5) passes the limit. Flags are read
-        # a step late except on log/save/eval steps; step 5 logs (log_every 5): stop there
-        assert "up to step 5" in s["stopped"] and s["stop_step"] == 5, s
+        # a step late except on save/eval/last steps: step 6 reads step 5's, stops there
+        assert "up to step 5" in s["stopped"] and s["stop_step"] == 6, s
         assert s["checkpoint"], s
+        # a line every step, written a step late (they used to drain the GPU's queue and
+        # stop the run at step 5), skipped steps counted up to their step; the stopping
+        # step's line is written on the way out of the error
+        assert s["logged"] == {"one_nan": [[1, 0], [2, 0], [3, 1], [4, 1], [5, 1], [6, 1], [7, 1]],
+                               "all_nan": [[1, 0], [2, 0], [3, 1], [4, 2], [5, 3], [6, 4]]}, s
 
 
 def test_bf16_flat_buffers_keep_weights_aligned(tmp_path: Path) -> None:
@@ -146,12 +137,13 @@ def test_gpu_stream_ordered_epilogue_trains_as_deepspeeds(tmp_path: Path, stage:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_step_never_drains_the_stream(tmp_path: Path) -> None:
-    """One GPU, bf16, ZeRO-1 (eager, compiled, CoCa) and ZeRO-2 on the overlap path: in 4 steps
-    without logging nothing synchronizes a stream (`torch.cuda.set_sync_debug_mode`): no
-    `.item()`, `.tolist()` or blocking copy in our code or DeepSpeed's, each listed by the line
-    that called it. The previous step's flags are read through an event recorded behind them
-    (`engine/stepflags.py`), which waits for that step only and is not such a synchronize;
-    until 2026-12-02 their `.tolist()` drained the stream once a step."""
+    """One GPU, bf16, ZeRO-1 (eager, compiled, CoCa, and with the loop's logging: a line every
+    step) and ZeRO-2 on the overlap path: in 4 steps nothing synchronizes a stream
+    (`torch.cuda.set_sync_debug_mode`): no `.item()`, `.tolist()` or blocking copy in our code
+    or DeepSpeed's, each listed by the line that called it. The previous step's flags and log
+    line are read through events recorded behind them (`engine/host_read.py`), which wait for
+    that step only and are not such a synchronize; until 2026-12-02 the flags' `.tolist()`
+    drained the stream once a step, and each log line's reads once more."""
     r = _check("host_syncs", tmp_path, script="gpu_checks.py")
     for name, s in r.items():
         if name.endswith("_info"):

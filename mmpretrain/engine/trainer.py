@@ -23,6 +23,7 @@ from mmpretrain.engine.errors import NonFiniteTrainingError
 from mmpretrain.engine.memory import loss_memory_warning
 from mmpretrain.engine.optim import build_optimizer, build_scheduler, param_group_names
 from mmpretrain.engine.stepflags import LaggedFlags, StepFlags
+from mmpretrain.engine.steplog import LossWindow
 from mmpretrain.engine.timeline import phase
 from mmpretrain.logging.flops import flops_metrics, peak_tflops, train_flops_per_sample
 from mmpretrain.logging.metrics import JsonlWriter, StepMeter, format_metrics, peak_memory_gb
@@ -56,7 +57,7 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self._stop_signal: int | None = None
-        self._grad_norm: float | None = None
+        self._grad_norm: torch.Tensor | None = None
         self.skipped_steps = 0
         self._skipped_in_a_row = 0
         self._stop_seen = False
@@ -253,14 +254,17 @@ class Trainer:
             total = total + self.task.caption_weight * losses["caption_loss"]
         return {"loss": total.detach(), **losses}
 
-    def _unpartitioned_grad_norm(self) -> float | None:
-        """Global grad norm read from p.grad where DeepSpeed does not report one (ZeRO-0 fp32:
-        gradients are full and already averaged across ranks after the last backward)."""
+    def _unpartitioned_grad_norm(self) -> torch.Tensor | None:
+        """Global grad norm (on the device) from p.grad where DeepSpeed does not report one
+        (ZeRO-0 fp32: gradients are full and already averaged across ranks after the last
+        backward)."""
         if self.cfg.engine.zero_stage != 0 or self.precision != "fp32":
             return None
         grads = [p.grad for p in self.task.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g.float()) for g in grads]))
 
     # ---- the loop ------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -285,36 +289,48 @@ class Trainer:
                     and self._too_many_skipped is None):
                 self._too_many_skipped = (f.step, self._skipped_in_a_row)
 
-    def _mean_losses(self, loss_sum: dict[str, torch.Tensor], n: int) -> dict[str, float]:
-        """Mean of each loss over the window's steps and the ranks (one all_reduce)."""
-        names = sorted(loss_sum)
-        values = torch.stack([loss_sum[k] for k in names]) / max(n, 1)  # (K,)
-        if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(values)
-            values /= self.world
-        return dict(zip(names, values.tolist()))
-
-    def _log(self, loss_sum: dict[str, torch.Tensor], n: int, meter: StepMeter,
-             wandb: Any) -> None:
-        losses = self._mean_losses(loss_sum, n)
+    def _start_log(self) -> None:
+        """Close the log window at this step: its device numbers are queued for the host (no
+        wait) and `_finish_log` writes the line once this step has finished
+        (`engine/steplog.py`); the host fields are read now."""
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = self._grad_norm if grad_norm is None else grad_norm
-        speed = meter.summary()
+        speed = self._meter.summary()
         speed.update(flops_metrics(speed["samples_per_s"], self.train_flops, self.world,
                                    self.peak_tflops))  # tflops_per_s, mfu (known peak)
-        record = {"step": self.step, "total_steps": self.cfg.optim.steps,
-                  "loss": losses.pop("loss"), **losses,
-                  "lr": float(self.scheduler.get_last_lr()[0]),
-                  "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                  **speed, "peak_mem_gb": peak_memory_gb(self.device),
-                  "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
-                  **(self.stream.metrics() if hasattr(self.stream, "metrics") else {})}
+        stream = self.stream.metrics() if hasattr(self.stream, "metrics") else {}
+        fields = {"lr": float(self.scheduler.get_last_lr()[0]), **speed,
+                  "peak_mem_gb": peak_memory_gb(self.device), "samples_seen": self.samples_seen,
+                  "stream": stream}
+        self._window.close(self.step, grad_norm, fields)
+        self._meter.reset()
+
+    def _finish_log(self) -> None:
+        """Write the pending log line (waits for its step only; skipped steps are counted up
+        to that step, whose flags the host has read by now)."""
+        got = self._window.take()
+        if got is None:
+            return
+        losses, f = got.losses, dict(got.fields)
+        stream = f.pop("stream")
+        record = {"step": got.step, "total_steps": self.cfg.optim.steps,
+                  "loss": losses.pop("loss"), **losses, "lr": f.pop("lr"),
+                  "grad_norm": got.grad_norm, **f, "skipped_steps": self.skipped_steps,
+                  **stream}
         if self.rank == 0:
             record.pop("total_steps")
             self.jsonl.write(record)
-            wandb.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=got.step)
             log.info(format_metrics({"total_steps": self.cfg.optim.steps, **record}))
-        meter.reset()
+
+    def _finish_log_after_error(self) -> None:
+        """Write a pending log line on the way out of a failed step where the device still
+        answers (a CUDA error would only hide the original one)."""
+        try:
+            self._settle(self._flags.drain())  # the logged step's flags, if still unread
+            self._finish_log()
+        except Exception as err:  # noqa: BLE001 - the original error is re-raised
+            log.warning("the log line of the last log step was lost: %s", err)
 
     def _make_wandb(self) -> Any:
         from mmpretrain.logging.wandb_logger import WandbLogger
@@ -335,18 +351,22 @@ class Trainer:
         cfg = self.cfg
         self.resume()
         self._install_signal_handlers()
-        self._wandb, bar, self._meter = self._make_wandb(), self._progress(), StepMeter()
-        self._loss_sum: dict[str, torch.Tensor] = {}
-        self._n_loss, status = 0, "finished"
+        self._wandb, bar, status = self._make_wandb(), self._progress(), "finished"
+        self._meter, self._window = StepMeter(), LossWindow(self.world)
         batches = iter(self.stream)
         self.engine.train()
-        while self.step < cfg.optim.steps:
-            self._one_step(batches)
-            if bar is not None:
-                bar.update(1)
-            status = self._after_step()
-            if status != "running":
-                break
+        try:
+            while self.step < cfg.optim.steps:
+                self._one_step(batches)
+                if bar is not None:
+                    bar.update(1)
+                status = self._after_step()
+                if status != "running":
+                    break
+        except BaseException:
+            self._finish_log_after_error()
+            raise
+        self._finish_log()  # the line of a step that stopped the run (a stop signal)
         status = "finished" if status == "running" else status
         if bar is not None:
             bar.close()
@@ -373,9 +393,7 @@ class Trainer:
         data_time = time.perf_counter() - t0
         self._log_now = (self.step + 1) % cfg.logging.log_every == 0 or (
             self.step + 1 == cfg.optim.steps)
-        for name, value in self.train_step(micro, want_grad_norm=self._log_now).items():
-            self._loss_sum[name] = self._loss_sum.get(name, 0.0) + value.float()
-        self._n_loss += 1
+        self._window.add(self.train_step(micro, want_grad_norm=self._log_now))
         self.step += 1
         self.samples_seen += self.global_batch
         self._meter.update(self.global_batch, data_time)
@@ -392,11 +410,11 @@ class Trainer:
             if getattr(self, "_stream_iter", None) is None:
                 self._stream_iter = iter(self.stream)
             batches = self._stream_iter
-        self._meter, self._loss_sum, self._n_loss = StepMeter(), {}, 0
+        self._meter, self._window = StepMeter(), LossWindow(self.world)
         self.engine.train()
         for _ in range(n):
             self._one_step(batches)
-        return self._meter, self._loss_sum
+        return self._meter, self._window.sums
 
     def _after_step(self) -> str:
         """Logging, signals, stops, checkpoints and evals after a step; returns the status."""
@@ -404,13 +422,16 @@ class Trainer:
         stop_after = bool(cfg.optim.stop_after and step >= cfg.optim.stop_after)
         save_due = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
         eval_due = bool(cfg.eval.every and step % cfg.eval.every == 0)
-        if self._log_now or stop_after or save_due or eval_due or step >= cfg.optim.steps:
-            # read every flag so far, this step's too (a host sync, only on such steps), so
-            # counters and stop decisions are exact where they are used
+        self._finish_log()  # the previous log step's line (read when this step was queued)
+        exact = stop_after or save_due or eval_due or step >= cfg.optim.steps
+        if exact:
+            # read every flag so far, this step's too (waits for this step, only on such
+            # steps), so counters and stop decisions are exact where they are used
             self._settle(self._flags.drain())
         if self._log_now:
-            self._log(self._loss_sum, self._n_loss, self._meter, self._wandb)
-            self._loss_sum, self._n_loss = {}, 0
+            self._start_log()
+            if exact:
+                self._finish_log()
         if self._too_many_skipped is not None:
             self.save()  # skipped steps change no weights: these are the last good ones
             raise NonFiniteTrainingError(
