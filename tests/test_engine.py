@@ -122,6 +122,17 @@ def test_overlapped_backward_ends_without_a_device_sync_on_several_ranks(tmp_pat
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_zero1_without_the_one_rank_reduction_trains_as_deepspeeds(tmp_path: Path) -> None:
+    """One GPU, bf16, ZeRO-1: the plain path without DeepSpeed's identity reduction
+    (`engine/zero_one_rank.py`; on a GPU, unlike on a CPU, that reduction really flattens,
+    all-reduces and copies back every gradient) gives the losses of DeepSpeed's contiguous
+    path over 20 steps."""
+    gpu_losses_agree(tmp_path, ["engine.zero_stage=1"],
+                     ["engine.zero_stage=1", "engine.contiguous_gradients=true"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("stage", [1, 2])
 def test_gpu_stream_ordered_epilogue_trains_as_deepspeeds(tmp_path: Path, stage: int) -> None:
     """One GPU, bf16, `overlap_comm` and contiguous gradients forced on (the several-rank path:
@@ -164,12 +175,14 @@ def test_zero_on_several_ranks_trains_as_data_parallel(tmp_path: Path) -> None:
 
 def test_contiguous_gradients_off_trains_the_same(tmp_path: Path) -> None:
     """One rank, ZeRO-1/2, fp32 and bf16, accumulation over 2 micro-batches: the plain
-    gradient path (the one-rank default) ends 3 steps with bitwise the weights of DeepSpeed's
-    contiguous path, and the weights did move."""
+    gradient path (the one-rank default; under ZeRO-1 without DeepSpeed's identity reduction)
+    ends 3 steps with bitwise the weights of DeepSpeed's contiguous path, and the weights did
+    move."""
     r = _check("contiguous", tmp_path)
     for key in ("1_fp32", "1_bf16", "2_fp32", "2_bf16"):
         s = r[key]
         assert s["seen"] == [False, True] and s["n"] > 100, s
+        assert s["reduce_skipped"] == [key.startswith("1_"), False], s  # ZeRO-1, plain path
         assert s["max_abs_diff"] == 0.0 and s["max_moved"] > 1e-3, s
 
 

@@ -82,6 +82,7 @@ class Trainer:
 
         from mmpretrain.engine.zero_epilogue import install_stream_ordered_epilogue
         from mmpretrain.engine.zero_norm import install_foreach_grad_norm
+        from mmpretrain.engine.zero_one_rank import install_one_rank_reduce_skip
         from mmpretrain.engine.zero_repoint import install_repoint_check
 
         from mmpretrain import kernels
@@ -109,6 +110,7 @@ class Trainer:
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim))
         install_foreach_grad_norm(self.optimizer)  # ZeRO-1/2: one norm kernel, not ~900
         install_repoint_check(self.optimizer)  # ZeRO-1/2: no per-step re-pointing of params
+        install_one_rank_reduce_skip(self.optimizer)  # ZeRO-1, one rank: no identity reduction
         if not cfg.engine.epilogue_sync:  # ZeRO-1/2 overlap: no device sync after the backward
             install_stream_ordered_epilogue(self.optimizer)
         self.stream = build_train_stream(cfg, self.tokenizer, self.rank, self.world)
