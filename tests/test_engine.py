@@ -42,7 +42,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path: Path) -> None:
     """A NaN loss skips the update (weights unchanged, counted); more than
     optim.max_skipped_steps in a row stop the run with a checkpoint (ZeRO 0 and 2 in fp32,
     ZeRO 1 in bf16, where the optimizer's check stands alone)."""
-    r = _check("nonfinite", tmp_path)
+    r = _check("nonfinite", tmp_path, script="loop_checks.py")
     for stage in ("0_fp32", "2_fp32", "1_bf16", "0_bf16"):  # bf16 ZeRO-1: DeepSpeed's check off
         s = r[stage]
         assert s["skipped"] == 1 and s["unchanged_on_skip"] and s["moved_after"], s
