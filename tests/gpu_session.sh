@@ -15,6 +15,7 @@
 #                                         # bench loss (fp32, TF32)
 #   bash tests/gpu_session.sh memory      # ViT-g/14 .. ViT-e/14, ZeRO-3 (+ offload), capped at 80 GB
 #   bash tests/gpu_session.sh shards      # ViT-B/16 from real JPEG shards (8 workers) vs synthetic
+#   bash tests/gpu_session.sh loader      # ViT-B/32 from 500- and 384-px shards; bench data, 8 workers
 #   bash tests/gpu_session.sh copies      # real shards, batch copies on a side stream or not
 #   bash tests/gpu_session.sh quick       # what matters most, in one call of <= 9 minutes
 #                                         # (a 15-minute device budget): see quick() below
@@ -284,14 +285,16 @@ rest() {
   echo "gpu tests (rest) rc=$?" | tee -a "$OUT/gpu_rest.log"; tail -n 40 "$OUT/gpu_rest.log"
 }
 
-# ViT-B/16 fed from real JPEG shards (8 workers) next to synthetic data: the issue allows 5%.
-# bench_shards LOG: write (once) the photo-like JPEG shards of `bench data` and print their
-# brace pattern
+# bench_shards LOG [LONG_SIDE]: write (once) the photo-like JPEG shards of `bench data`, their
+# images LONG_SIDE px on the longer side (500 by default), and print their brace pattern
 bench_shards() {
+  local side=${2:-500} dir=/tmp/mmpretrain-bench-shards
+  [ "$side" = 500 ] || dir=$dir-$side
   $py -c "from mmpretrain.data.bench import make_bench_shards as m
-print(m('/tmp/mmpretrain-bench-shards')['pattern'])" 2>> "$1" | tail -n 1
+print(m('$dir', long_side=$side)['pattern'])" 2>> "$1" | tail -n 1
 }
 
+# ViT-B/16 fed from real JPEG shards (8 workers) next to synthetic data: the issue allows 5%.
 shards() {
   local pattern; pattern=$(bench_shards "$OUT/shards.log")
   echo "$pattern" > "$OUT/shards_pattern.txt"
@@ -304,6 +307,29 @@ shards() {
     tail -n 1 "$OUT/shards.out" >> "$OUT/shards.jsonl"
   done
   tail -c 2000 "$OUT/shards.jsonl"
+}
+
+# ViT-B/32 at batch 512, the model whose target asks the most samples/s of the loader: the
+# loader alone with 8 workers on this machine's cores, then training from 500-px and 384-px
+# shards against synthetic batches (PERFORMANCE.md, "Stored image size": on the 2-vCPU CPU
+# machine 8 workers would fall short of B/32's 1.2x target with 500-px images)
+loader() {
+  log="$OUT/loader.txt"
+  : > "$log"
+  local p500 p384
+  p500=$(bench_shards "$log" 500)
+  p384=$(bench_shards "$log" 384)
+  for pattern in "$p500" "$p384"; do
+    # 240 timed batches: the 8 workers' prefetched backlog (16 batches) stays a small part
+    step 120 "bench data, 8 workers, $pattern" $py -m mmpretrain.cli bench data \
+      --shards "$pattern" --workers 8 --batches 240
+  done
+  for data in synthetic "$p500" "$p384"; do
+    step 150 "bench train vit_b32 512, data=$data" $py -m mmpretrain.cli bench train \
+      --model vit_b32 --batch 512 --zero 1 --steps 30 --warmup 8 --workers 8 --data "$data" \
+      engine.compile=true
+  done
+  grep -E "^==|^data bench|^shards|^per sample|^TrainStream|samples/s|data.wait" "$log" | tail -40
 }
 
 # Real shards with the batch copies on a side stream (the default) and on the compute stream
@@ -334,6 +360,7 @@ case "$stage" in
   memory) memory ;;
   quick) quick ;;
   shards) shards ;;
+  loader) loader ;;
   copies) copies ;;
   rest) rest ;;
   profile) profile ;;
